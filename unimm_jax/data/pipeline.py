@@ -1,0 +1,218 @@
+"""Grain input pipelines for image training and the deterministic eval images.
+
+Train pipeline, per host (`build_train_dataset`):
+
+    source (sources.make_source)                      record i: bytes | uint8 array | Unreadable
+    [shard_index::shard_count]                        this host's records
+    [.repeat(k)]                                      tiny sources tiled to >= 1000 records
+    .shuffle(seed).repeat()                           infinite; grain reseeds every epoch
+    .random_map(ImageTransform, seed)                 rng from (seed, position in the stream)
+    .to_iter_dataset(ReadOptions)                     threads read and decode ahead
+    _SkipCountingIterDataset                          drops Unreadable, counts them
+    .batch(host_batch)                                {'image': (b, s, s, 3), 'skipped': (b,)}
+    .mp_prefetch(num_workers)                         when data_config.num_workers > 0
+
+Everything random derives from `seed` and the element's position in the stream, so the
+same seed gives the same batches, and the iterator state (a position per worker) is all a
+checkpoint needs to resume bit-identically.
+
+Skip counting. `skipped[j]` is the number of unreadable records dropped right before
+element j in the stream that produced it. With worker processes each worker reads the
+interleaved slice `worker::num_workers` of the host stream and counts in its own slice, so a
+bad record is counted once, by the worker that met it, on that worker's next good element:
+`batch['skipped'].sum()` summed over batches is the number of bad records passed, with or
+without workers. (As grain warns for any filtering pipeline, which records land in which
+batch depends on num_workers; for a fixed num_workers it is deterministic.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import flags
+from absl import logging
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from unimm_jax.data.data_config import validate_data_config
+from unimm_jax.data.sources import make_source
+from unimm_jax.data.transforms import ImageTransform, Unreadable
+
+# Threads that read and decode ahead inside each process (the main one, or each worker).
+# PIL decoding releases the GIL, so a few threads overlap I/O and decode; more would only
+# fight the train step for the host's cores.
+_READ_THREADS = 4
+
+# Grain's index shuffle costs milliseconds per element on ranges of a few dozen (it walks
+# cycles of a permutation over a much larger domain), which would dominate a step on the
+# builtin photos. Smaller sources are tiled to at least this length before shuffling: an
+# epoch then holds each record k times in random order, an equally fair stream.
+_MIN_SHUFFLE_SPAN = 1000
+
+# A run of this many unreadable records in a row (or twice the source, if larger) means the
+# data, not a few files, is broken: raise instead of spinning forever on an infinite stream.
+_MIN_CONSECUTIVE_SKIPS_LIMIT = 1000
+
+# Seeds the extra crop positions of eval images beyond the first pass over the eval set.
+_EVAL_CROP_SEED = 0xE7A1
+
+
+class _SkipCountingIterator(grain.DatasetIterator):
+  """Yields `{'image': ..., 'skipped': int32}`, dropping and counting `Unreadable` records.
+
+  The count restarts at every yielded element, so between two `next` calls it is always
+  zero and the parent's state is the whole state: get/set_state delegate to the parent.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, max_consecutive: int):
+    super().__init__(parent)
+    self._max_consecutive = max_consecutive
+    self._skipped_total = 0
+
+  def __next__(self) -> dict[str, Any]:
+    skipped = 0
+    while True:
+      element = next(self._parent)
+      if not isinstance(element, Unreadable):
+        return {'image': element['image'], 'skipped': np.int32(skipped)}
+      skipped += 1
+      self._skipped_total += 1
+      logging.log_every_n(logging.WARNING, 'Skipping unreadable record (%d so far in this '
+                          'process): %s', 100, self._skipped_total, element.reason)
+      if skipped >= self._max_consecutive:
+        raise RuntimeError(f'{skipped} unreadable records in a row; the data looks broken. '
+                           f'Last one: {element.reason}')
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+class _SkipCountingIterDataset(grain.IterDataset):
+  """Drops `Unreadable` elements of `parent` and records how many preceded each kept one."""
+
+  def __init__(self, parent: grain.IterDataset, max_consecutive: int):
+    super().__init__(parent)
+    self._max_consecutive = max_consecutive
+
+  def __iter__(self) -> _SkipCountingIterator:
+    return _SkipCountingIterator(self._parent.__iter__(), self._max_consecutive)
+
+  def __str__(self) -> str:
+    return f'_SkipCountingIterDataset(max_consecutive={self._max_consecutive})'
+
+
+def _derive_seeds(seed: int) -> tuple[int, int]:
+  """Independent uint32 seeds for the shuffle and for the augmentations from one int seed."""
+  shuffle_seed, augment_seed = np.random.SeedSequence(int(seed) % 2**64).generate_state(2)
+  return int(shuffle_seed), int(augment_seed)
+
+
+def build_train_dataset(data_config: ml_collections.ConfigDict, *, batch_size: int,
+                        seed: int, shard_index: int = 0, shard_count: int = 1
+                        ) -> grain.IterDataset:
+  """The infinite, shuffled, augmented, batched train dataset of one shard (host).
+
+  Args:
+    data_config: the `data` config (fields in `data_config.py`).
+    batch_size: batch size of this shard.
+    seed: root seed; the shuffle and augmentation seeds derive from it.
+    shard_index: this shard, in [0, shard_count); it reads records
+      `shard_index::shard_count` of the source.
+    shard_count: number of shards (hosts).
+
+  Returns:
+    A grain IterDataset of `{'image': float32 (batch_size, s, s, 3) in [-1, 1],
+    'skipped': int32 (batch_size,)}` with `s = data_config.image_size`.
+  """
+  validate_data_config(data_config)
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be positive, got {batch_size}')
+  source = make_source(data_config, 'train')
+  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  if len(ds) == 0:
+    raise ValueError(f'shard {shard_index} of {shard_count} of {source!r} is empty: more '
+                     'hosts than records')
+  shuffle_seed, augment_seed = _derive_seeds(seed)
+  if len(ds) < _MIN_SHUFFLE_SPAN:
+    ds = ds.repeat(-(-_MIN_SHUFFLE_SPAN // len(ds)))
+  ds = ds.shuffle(seed=shuffle_seed).repeat(None)
+  transform = ImageTransform(data_config.image_size, data_config.resize_mode,
+                             data_config.flip)
+  ds = ds.random_map(transform, seed=augment_seed)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
+                                            prefetch_buffer_size=max(batch_size, 16)))
+  max_consecutive = max(_MIN_CONSECUTIVE_SKIPS_LIMIT, 2 * len(source))
+  it = _SkipCountingIterDataset(it, max_consecutive)
+  it = it.batch(batch_size, drop_remainder=True)
+  if data_config.num_workers > 0:
+    # grain 0.2.18 reads an absl flag when starting workers and raises if flags were never
+    # parsed (google/grain#1355), which is the case outside absl.app (tests, notebooks).
+    # Flags parsed by main.py are left alone; otherwise every flag keeps its default.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=data_config.num_workers,
+        per_worker_buffer_size=data_config.worker_buffer_size))
+  return it
+
+
+def build_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
+                         seed: int) -> grain.DatasetIterator:
+  """This host's infinite train iterator, checkpointable with grain / Orbax.
+
+  The host reads shard `jax.process_index()` of `jax.process_count()` and yields batches of
+  `global_batch_size // jax.process_count()`:
+  `{'image': float32 (b, s, s, 3) in [-1, 1], 'skipped': int32 (b,)}`.
+
+  Checkpoint it with `it.get_state()` / `it.set_state(state)`, or inside an Orbax
+  `ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it))` (restore with
+  `CheckpointRestore` on a freshly built iterator of the same config and seed).
+  """
+  process_count = jax.process_count()
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of '
+                     f'the process count {process_count}')
+  ds = build_train_dataset(data_config, batch_size=global_batch_size // process_count,
+                           seed=seed, shard_index=jax.process_index(),
+                           shard_count=process_count)
+  return iter(ds)
+
+
+def build_eval_images(data_config: ml_collections.ConfigDict,
+                      num_images: int) -> np.ndarray:
+  """Deterministic held-out eval images, `float32 (num_images, s, s, 3)` in [-1, 1].
+
+  Reads the eval split of `sources.make_source` in order and takes the eval view of each
+  record: centre crop (random_crop / center_crop modes) or full resize, never flipped. When
+  `num_images` exceeds the readable eval records the set is cycled; in random_crop mode the
+  later passes cut crops at fixed pseudo-random positions (seeded by the image's position),
+  in the other modes they repeat the same views. Unreadable records are skipped.
+  """
+  validate_data_config(data_config)
+  if num_images < 0:
+    raise ValueError(f'num_images must be >= 0, got {num_images}')
+  source = make_source(data_config, 'eval')
+  transform = ImageTransform(data_config.image_size, data_config.resize_mode, flip=False)
+  images = []
+  position = failures_in_a_row = 0
+  while len(images) < num_images:
+    rng = (None if position < len(source)
+           else np.random.default_rng([_EVAL_CROP_SEED, position]))
+    out = transform(source[position % len(source)], rng)
+    position += 1
+    if isinstance(out, Unreadable):
+      failures_in_a_row += 1
+      if failures_in_a_row >= len(source):
+        raise ValueError(f'eval source {source!r} has no readable image; last error: '
+                         f'{out.reason}')
+      continue
+    failures_in_a_row = 0
+    images.append(out['image'])
+  size = data_config.image_size
+  return np.stack(images) if images else np.zeros((0, size, size, 3), np.float32)
+

@@ -1,0 +1,309 @@
+"""Random-access image sources: `len(source)` and `source[i] -> SourceRecord`.
+
+A record is encoded image bytes (folder, ArrayRecord, TFDS), a decoded `uint8 (h, w, 3)`
+array (builtin, synthetic) or an `Unreadable` marker when reading the record itself failed
+(a file vanished, a permission error, a damaged ArrayRecord chunk). Sources never raise from
+`__getitem__`; decoding and its failures are left to `transforms.ImageTransform`.
+
+Every source is cheap to pickle (paths and names, not pixels), because grain sends the
+pipeline to its worker processes.
+
+Train / eval split per `data_config.source` (`make_source(data_config, split=...)`):
+
+- `builtin`: train = `builtin_names` (expanded); eval = `builtin_images.EVAL_NAMES`.
+- `synthetic`: train = indices `[0, synthetic_num_images)`; eval = the indices after those.
+- `folder`: `path` is a directory searched recursively for files with an image extension
+  (`IMAGE_EXTENSIONS`, case-insensitive; hidden files and directories are ignored), sorted
+  by relative path. `split` is not used.
+- `array_record`: `path` is a glob, a comma-separated list of globs, or a list of them; each
+  record is the bytes of one encoded image (JPEG, PNG, ...). Files are sorted by name.
+  `split` is not used.
+- `tfds`: `tfds.data_source(tfds_name, split=split, data_dir=tfds_data_dir)` on a dataset
+  prepared locally (nothing is downloaded). The image feature is `image` or, failing that,
+  the only top-level `tfds.features.Image`; it is read undecoded and decoded with PIL.
+
+For folder, array_record and tfds, a non-empty `eval_split` names the eval data: a path in
+the format of `path` (folder, array_record) or a TFDS split string such as `validation` or
+`train[-1%:]` (tfds). With `eval_split` empty, one record in `HOLDOUT_STRIDE` (source
+indices 0, 100, 200, ...) is held out for eval and the train split never sees it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Protocol, Sequence
+
+import grain
+import ml_collections
+
+from unimm_jax.data import builtin_images
+from unimm_jax.data.transforms import SourceRecord, Unreadable
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+HOLDOUT_STRIDE = 100
+
+SOURCES = ('builtin', 'synthetic', 'folder', 'array_record', 'tfds')
+
+
+class ImageSource(Protocol):
+  """What the pipeline needs from a source (grain's RandomAccessDataSource protocol)."""
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> SourceRecord:
+    ...
+
+
+class BuiltinSource:
+  """scikit-image photos by name; each photo is decoded once per process and cached."""
+
+  def __init__(self, names: Sequence[str]):
+    self.names = tuple(names)
+    for name in self.names:
+      builtin_images.load_builtin(name)
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def __getitem__(self, index: int) -> SourceRecord:
+    return builtin_images.load_builtin(self.names[index])
+
+  def __repr__(self) -> str:
+    return f'BuiltinSource({self.names})'
+
+
+class SyntheticSource:
+  """`num_images` procedural images starting at image number `first_index`."""
+
+  def __init__(self, num_images: int, min_size: int, first_index: int = 0):
+    if num_images <= 0:
+      raise ValueError(f'data_config.synthetic_num_images must be positive, got {num_images}')
+    self.num_images = num_images
+    self.min_size = min_size
+    self.first_index = first_index
+
+  def __len__(self) -> int:
+    return self.num_images
+
+  def __getitem__(self, index: int) -> SourceRecord:
+    return builtin_images.synthetic_image(self.first_index + index, self.min_size)
+
+  def __repr__(self) -> str:
+    return f'SyntheticSource({self.num_images} from {self.first_index})'
+
+
+class FileSource:
+  """Encoded image files under `root`; a file that cannot be read becomes `Unreadable`.
+
+  Paths are kept relative to `root`, which halves what is pickled to each worker on large
+  folders.
+  """
+
+  def __init__(self, root: str, relative_paths: Sequence[str]):
+    self.root = root
+    self.relative_paths = tuple(relative_paths)
+
+  def __len__(self) -> int:
+    return len(self.relative_paths)
+
+  def __getitem__(self, index: int) -> SourceRecord:
+    path = os.path.join(self.root, self.relative_paths[index])
+    try:
+      with open(path, 'rb') as f:
+        return f.read()
+    except OSError as err:
+      return Unreadable(f'{path}: {err}')
+
+  def __repr__(self) -> str:
+    return f'FileSource({self.root!r})'
+
+
+class ArrayRecordSource:
+  """Records of ArrayRecord files, each the bytes of one encoded image."""
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = tuple(paths)
+    self._records = grain.sources.ArrayRecordDataSource(list(self.paths))
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> SourceRecord:
+    try:
+      return self._records[index]
+    # A damaged chunk surfaces as whatever the C++ reader throws; it costs one record.
+    except Exception as err:  # pylint: disable=broad-exception-caught
+      return Unreadable(f'array_record {index}: {type(err).__name__}: {err}')
+
+  def __repr__(self) -> str:
+    return f'ArrayRecordSource({_describe_paths(self.paths)})'
+
+
+class TfdsSource:
+  """The image feature of a locally prepared TFDS dataset, as encoded bytes."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None):
+    # Imported on use: importing TFDS pulls in TensorFlow, seconds that the other sources
+    # (and every grain worker process) should not pay.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    where = f'TFDS dataset {name!r} split {split!r} in data_dir {data_dir or "(default)"}'
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+      self.image_key = _image_feature_key(builder.info.features, tfds.features.Image)
+      self._records = tfds.data_source(
+          name, split=split, data_dir=data_dir, download=False,
+          decoders={self.image_key: tfds.decode.SkipDecoding()})
+    except (KeyError, ValueError) as err:
+      raise ValueError(f'{where}: {err}') from err
+    # TFDS reports a dataset that is not prepared in several ways (AssertionError,
+    # DatasetNotFoundError, FileNotFoundError ...); all of them mean the same to the user.
+    except Exception as err:  # pylint: disable=broad-exception-caught
+      raise ValueError(f'{where} could not be opened (is it prepared there?): '
+                       f'{type(err).__name__}: {err}') from err
+    self.where = where
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> SourceRecord:
+    try:
+      return self._records[index][self.image_key]
+    # Same reasoning as ArrayRecordSource: one damaged record must not stop the run.
+    except Exception as err:  # pylint: disable=broad-exception-caught
+      return Unreadable(f'{self.where} record {index}: {type(err).__name__}: {err}')
+
+  def __repr__(self) -> str:
+    return f'TfdsSource({self.where})'
+
+
+def _describe_paths(paths: Sequence[str]) -> str:
+  """`'a'` or `'a' and 3 more`: names ArrayRecord files in messages without flooding them."""
+  if len(paths) == 1:
+    return repr(paths[0])
+  return f'{paths[0]!r} and {len(paths) - 1} more'
+
+
+def _image_feature_key(features, image_feature_type) -> str:
+  """`'image'` if that is an Image feature, else the only top-level Image feature."""
+  if 'image' in features and isinstance(features['image'], image_feature_type):
+    return 'image'
+  keys = [k for k, v in features.items() if isinstance(v, image_feature_type)]
+  if len(keys) != 1:
+    raise ValueError(f'expected one top-level Image feature, found {keys or "none"}')
+  return keys[0]
+
+
+class StrideSubset:
+  """The records of `parent` at positions that are (eval) or are not (train) held out.
+
+  Held out are positions `0, HOLDOUT_STRIDE, 2 * HOLDOUT_STRIDE, ...`; the mapping is
+  arithmetic, so no index table travels to the workers.
+  """
+
+  def __init__(self, parent: ImageSource, held_out: bool):
+    self.parent = parent
+    self.held_out = held_out
+    n = len(parent)
+    num_held_out = -(-n // HOLDOUT_STRIDE)
+    self._len = num_held_out if held_out else n - num_held_out
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> SourceRecord:
+    if self.held_out:
+      return self.parent[index * HOLDOUT_STRIDE]
+    per_block = HOLDOUT_STRIDE - 1
+    return self.parent[(index // per_block) * HOLDOUT_STRIDE + index % per_block + 1]
+
+  def __repr__(self) -> str:
+    part = 'held out' if self.held_out else 'train'
+    return f'StrideSubset({part} of {self.parent!r})'
+
+
+def list_image_files(root: str, field: str = 'path') -> list[str]:
+  """Sorted paths, relative to `root`, of the image files under it (recursive).
+
+  Hidden files and directories are skipped. `field` names the config field in errors.
+  """
+  if not os.path.isdir(root):
+    raise ValueError(f'data_config.{field}: image folder {root!r} does not exist or is not '
+                     'a directory')
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+    paths.extend(
+        os.path.relpath(os.path.join(dirpath, f), root) for f in filenames
+        if not f.startswith('.') and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+  if not paths:
+    raise ValueError(f'data_config.{field}: image folder {root!r} holds no image files '
+                     f'(extensions {IMAGE_EXTENSIONS})')
+  return sorted(paths)
+
+
+def expand_array_record_paths(spec, field: str = 'path') -> list[str]:
+  """Files matching `spec` (a glob, comma-separated globs, or a list), sorted per glob."""
+  patterns = spec.split(',') if isinstance(spec, str) else list(spec)
+  patterns = [p.strip() for p in patterns if p.strip()]
+  if not patterns:
+    raise ValueError(f'data_config.{field} is empty; source array_record needs a glob or a '
+                     'list of ArrayRecord files')
+  paths = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(pattern))
+    if not matches:
+      raise ValueError(f'data_config.{field}: no ArrayRecord file matches {pattern!r}')
+    paths.extend(matches)
+  return paths
+
+
+def _raw_source(data_config: ml_collections.ConfigDict, field: str) -> ImageSource:
+  """The folder / array_record / tfds source that config field `field` points at.
+
+  `field` is `path` (train data) or `eval_split`; for tfds `path` means `split`.
+  """
+  location = data_config[field]
+  if data_config.source == 'folder':
+    return FileSource(location, list_image_files(location, field))
+  if data_config.source == 'array_record':
+    return ArrayRecordSource(expand_array_record_paths(location, field))
+  split = data_config.split if field == 'path' else location
+  return TfdsSource(data_config.tfds_name, split, data_config.tfds_data_dir or None)
+
+
+def make_source(data_config: ml_collections.ConfigDict, split: str) -> ImageSource:
+  """Builds the train (`split='train'`) or eval (`split='eval'`) source of `data_config`.
+
+  `data_config` is assumed valid (`data_config.validate_data_config`).
+
+  Raises:
+    ValueError naming the offending path / name when the source is missing or empty.
+  """
+  if split not in ('train', 'eval'):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  train = split == 'train'
+  kind = data_config.source
+  if kind == 'builtin':
+    names = (builtin_images.expand_builtin_names(data_config.builtin_names) if train
+             else builtin_images.EVAL_NAMES)
+    return BuiltinSource(names)
+  if kind == 'synthetic':
+    n = data_config.synthetic_num_images
+    return SyntheticSource(n, data_config.image_size, first_index=0 if train else n)
+  if data_config.eval_split and not train:
+    source = _raw_source(data_config, 'eval_split')
+  else:
+    source = _raw_source(data_config, 'path')
+    if not data_config.eval_split:
+      if len(source) < 2:
+        raise ValueError(
+            f'{source!r} has {len(source)} record(s); holding out an eval set needs at '
+            'least 2 (or set data_config.eval_split)')
+      source = StrideSubset(source, held_out=not train)
+  if len(source) == 0:
+    raise ValueError(f'{source!r} is empty')
+  return source
