@@ -1,0 +1,116 @@
+"""Fields every config shares, and the check that runs before anything compiles.
+
+`ml_collections` already rejects an unknown key or a wrongly typed value given on the
+command line (`--config.train.stepz=5` names `stepz`). `validate` adds the checks that
+depend on values: enumerations, positivity, divisibility. It raises `ValueError` naming the
+offending key, so a bad run fails in a second instead of after compilation.
+"""
+from typing import Any
+
+import ml_collections
+
+from unimm_jax.data import data_config
+
+# Logical axis -> mesh axes. `batch` spans data and fsdp (FSDP is data parallel with
+# sharded parameters); parameters shard their `embed`/`conv_out` dimension over fsdp and
+# heads/mlp over tensor. A dimension that a mesh axis does not divide stays replicated.
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("conv_out", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("conv_in", None),
+    ("vocab", "tensor"),
+    ("codebook", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the fields shared by every system; a config file fills in the rest."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.task = ""
+
+  config.data = data_config.default_data_config()
+
+  config.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=16,  # global, over all hosts
+      log_every=50,
+      image_every=500,  # reconstruction grids (TensorBoard + PNG)
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      eval_every=1000,
+      eval_num_images=16,
+      grid_images=8,
+      max_nonfinite_steps=20,  # consecutive skipped (NaN/Inf) steps before giving up
+  ))
+
+  # Mesh axis sizes; one may be -1 to take the devices left over.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding_rules = DEFAULT_SHARDING_RULES
+  return config
+
+
+_ENUMS = {
+    "optim.name": ("adam", "adamw"),
+    "optim.schedule": ("constant", "cosine"),
+    "model.dtype": ("float32", "bfloat16"),
+    "task": ("tokenizer",),
+}
+_POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.image_every",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
+             "optim.lr")
+_NON_NEGATIVE = ("train.eval_num_images", "train.grid_images",
+                 "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _has(config: ml_collections.ConfigDict, dotted: str) -> bool:
+  try:
+    _get(config, dotted)
+    return True
+  except (KeyError, AttributeError):
+    return False
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad key of `config`."""
+  for key, allowed in _ENUMS.items():
+    if _has(config, key) and _get(config, key) not in allowed:
+      raise ValueError(f"config.{key}={_get(config, key)!r} is not one of {allowed}")
+  for key in _POSITIVE:
+    if _has(config, key) and not _get(config, key) > 0:
+      raise ValueError(f"config.{key}={_get(config, key)!r} must be > 0")
+  for key in _NON_NEGATIVE:
+    if _has(config, key) and _get(config, key) < 0:
+      raise ValueError(f"config.{key}={_get(config, key)!r} must be >= 0")
+  if _has(config, "ema_decay") and not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay={config.ema_decay!r} must be in [0, 1)")
+  if _has(config, "optim") and config.optim.name == "adam" and config.optim.weight_decay:
+    raise ValueError("config.optim.weight_decay needs config.optim.name='adamw' "
+                     "(plain Adam has no decoupled weight decay)")
+  sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh={dict(config.mesh)} needs positive sizes and at most one -1")
+  for rule in config.sharding_rules:
+    if len(rule) != 2:
+      raise ValueError(f"config.sharding_rules entry {rule!r} is not (logical, mesh_axes)")
+  try:
+    data_config.validate_data_config(config.data)
+  except ValueError as e:  # name the key as it is spelled on the command line
+    raise ValueError(str(e).replace("data_config", "config.data", 1)) from None
+  if _has(config, "model.ch_mult"):
+    factor = 2 ** (len(config.model.ch_mult) - 1)
+    if config.data.image_size % factor:
+      raise ValueError(f"config.data.image_size={config.data.image_size} is not a multiple "
+                       f"of the downsampling factor {factor} (model.ch_mult)")
