@@ -1,0 +1,90 @@
+"""Pre-norm transformer blocks and the register-token grid transformer of UniWeTok.
+
+Block (BitDance autoencoder_uni.py `TransformerBlock`):
+  h = x + attn(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h)), RMSNorm eps 1e-6, no dropout.
+"""
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimm_jax.nn import initializers
+from unimm_jax.nn.attention import SelfAttention
+from unimm_jax.nn.mlp import SwiGLU, swiglu_hidden_dim
+from unimm_jax.nn.norms import RMSNorm
+from unimm_jax.nn.rope import GridPositions, grid_positions, rope_2d_angles
+
+Dtype = Any
+
+
+class TransformerBlock(nn.Module):
+  """Pre-RMSNorm block with full attention and SwiGLU. Shapes: (b, s, d) -> (b, s, d)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, angles: jax.Array | None = None) -> jax.Array:
+    dim = x.shape[-1]
+    h = x + SelfAttention(self.num_heads, dtype=self.dtype, name='attention')(
+        RMSNorm(dtype=self.dtype, name='attention_norm')(x), angles)
+    out = h + SwiGLU(swiglu_hidden_dim(dim), dtype=self.dtype, name='feed_forward')(
+        RMSNorm(dtype=self.dtype, name='ffn_norm')(h))
+    return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
+
+
+class TransformerStack(nn.Module):
+  """`num_blocks` TransformerBlocks applied in order. Shapes: (b, s, d) -> (b, s, d).
+
+  With `remat`, each block's activations are recomputed in the backward pass instead of
+  stored (nothing saved but the block inputs), trading ~1/3 more compute for memory.
+  """
+  num_blocks: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, angles: jax.Array | None = None) -> jax.Array:
+    block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+    for i in range(self.num_blocks):
+      x = block_cls(self.num_heads, dtype=self.dtype, name=f'blocks_{i}')(x, angles)
+    return x
+
+
+class GridTransformer(nn.Module):
+  """Transformer over a feature map with learned registers and 2D RoPE (UniWeTok's middle).
+
+  The (h, w) grid is flattened row-major, `num_registers` learned tokens (N(0, 1) init, as
+  PyTorch's nn.Embedding) are prepended at RoPE position 0, the blocks run, the registers are
+  dropped and the grid is restored. `positions` picks the encoder or decoder normalisation
+  (see `unimm_jax.nn.rope`). No norm follows the last block (none in the authors' code).
+
+  Shapes: (b, h, w, c) -> (b, h, w, c).
+  """
+  num_blocks: int
+  num_heads: int
+  num_registers: int
+  positions: GridPositions
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    chex.assert_rank(x, 4)
+    b, h, w, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f'width {c} is not divisible by num_heads={self.num_heads}')
+    registers = self.param('registers', initializers.normal(1.0, None, 'embed'),
+                           (self.num_registers, c), jnp.float32)
+    tokens = jnp.concatenate(
+        [jnp.broadcast_to(registers.astype(self.dtype), (b, self.num_registers, c)),
+         x.reshape(b, h * w, c).astype(self.dtype)], axis=1)
+    tokens = nn.with_logical_constraint(tokens, ('batch', 'length', 'embed'))
+    # Angles depend only on static shapes: computed in numpy at trace time, a constant in XLA.
+    angles = jnp.asarray(rope_2d_angles(grid_positions(h, w, self.positions), c // self.num_heads,
+                                        num_prefix=self.num_registers))
+    tokens = TransformerStack(self.num_blocks, self.num_heads, dtype=self.dtype, remat=self.remat,
+                              name='stack')(tokens, angles)
+    return tokens[:, self.num_registers:].reshape(b, h, w, c)
