@@ -12,7 +12,7 @@ shift || true
 export TF_CPP_MIN_LOG_LEVEL=2
 python -m unimm_jax.main --config=configs/uniwetok.py:demo --workdir="$WORKDIR" \
     --config.train.steps=500 "$@"
-python -m unimm_jax.data.export_builtin --output="$WORKDIR/heldout_photos" --split=eval
+python -m unimm_jax.data.export_builtin --output="$WORKDIR/heldout_photos" --names=eval
 python -m unimm_jax.main --mode=encode --workdir="$WORKDIR" \
     --input="$WORKDIR/heldout_photos" --output="$WORKDIR/heldout_codes.npz"
 python -m unimm_jax.main --mode=decode --workdir="$WORKDIR" \

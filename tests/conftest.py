@@ -1,0 +1,58 @@
+"""Shared fixtures: subprocess runs of `unimm_jax.main` on the tiny UniWeTok config.
+
+Each end-to-end run is a separate process (as a user would start it), so device counts can
+differ between runs. Runs are session-scoped and shared by the tests that read them.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "configs/uniwetok.py:tiny"
+
+
+def main_command(workdir, *overrides, config=TINY, mode="train"):
+  cmd = [sys.executable, "-m", "unimm_jax.main", f"--workdir={workdir}", f"--mode={mode}"]
+  if config:
+    cmd.append(f"--config={config}")
+  return cmd + list(overrides)
+
+
+def subprocess_env(devices: int = 1) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  return env
+
+
+def run_main(workdir, *overrides, devices=1, config=TINY, mode="train", timeout=600):
+  """Runs main to completion; fails the test with its output if it exits non-zero."""
+  proc = subprocess.run(main_command(workdir, *overrides, config=config, mode=mode),
+                        cwd=REPO, env=subprocess_env(devices), capture_output=True,
+                        text=True, timeout=timeout)
+  if proc.returncode != 0:
+    pytest.fail(f"main exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                f"STDERR:\n{proc.stderr[-8000:]}")
+  return proc
+
+
+def read_metrics(workdir) -> dict[int, dict]:
+  """metrics.jsonl -> {step: merged record}; a later line for a step overrides earlier."""
+  merged = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      merged.setdefault(record["step"], {}).update(record)
+  return merged
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory):
+  """Tiny UniWeTok, 1 device, 4 steps, checkpoints every 2: the reference run."""
+  workdir = tmp_path_factory.mktemp("full_run")
+  proc = run_main(workdir, "--config.train.steps=4")
+  return workdir, proc

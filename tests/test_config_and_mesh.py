@@ -1,0 +1,92 @@
+"""Configs build and validate; the mesh and logical shardings follow config."""
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+import pytest
+
+from unimm_jax import config_defaults
+from unimm_jax.parallel import mesh as mesh_lib
+from unimm_jax.parallel import sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(arg):
+  spec = importlib.util.spec_from_file_location("uniwetok_config",
+                                                os.path.join(REPO, "configs", "uniwetok.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "demo", "paper"])
+def test_variants_validate(variant):
+  config_defaults.validate(load_config(variant))
+
+
+def test_paper_variant_is_the_appendix_configuration():
+  c = load_config("paper")
+  assert c.data.image_size == 256
+  assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks) == (
+      128, (1, 1, 2, 2, 4, 8), 2)
+  assert c.model.num_attn_blocks == 16
+  assert (c.model.groups, c.model.group_bits) == (16, 8)
+  assert (c.optim.name, c.optim.lr, c.optim.b1, c.optim.b2) == ("adam", 1e-4, 0.5, 0.9)
+  assert c.optim.weight_decay == 0 and c.optim.warmup_steps == 0
+  assert c.ema_decay > 0 and c.train.batch_size == 128
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(ValueError, match="huge"):
+    load_config("huge")
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("data.resize_mode", "stretch", "config.data.resize_mode"),
+    ("train.batch_size", 0, "config.train.batch_size"),
+    ("ema_decay", 1.0, "config.ema_decay"),
+    ("optim.weight_decay", 0.1, "config.optim.weight_decay"),
+    ("data.image_size", 30, "config.data.image_size"),
+])
+def test_validate_names_the_bad_key(key, value, needle):
+  config = load_config("tiny")
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+    config_defaults.validate(config)
+
+
+def test_mesh_shape_fills_minus_one():
+  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=1))
+  assert mesh_lib.mesh_shape(cfg, 8) == (4, 2, 1)
+  with pytest.raises(ValueError, match="config.mesh"):
+    mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(data=3, fsdp=1, tensor=1)), 8)
+
+
+def test_spec_for_replicates_indivisible_dims():
+  mesh = jax.sharding.AbstractMesh((2, 2, 2), mesh_lib.MESH_AXES)
+  rules = config_defaults.DEFAULT_SHARDING_RULES
+  assert sharding.spec_for((3, 3, 64, 128), (None, None, "conv_in", "conv_out"), mesh,
+                           rules) == P(None, None, None, "fsdp")
+  assert sharding.spec_for((3, 3, 64, 3), (None, None, "conv_in", "conv_out"), mesh,
+                           rules) == P(None, None, None, None)
+  assert sharding.spec_for((64, 256), ("embed", "mlp"), mesh, rules) == P("fsdp", "tensor")
+  # A mesh axis is used once per array even if two logical names map to it.
+  assert sharding.spec_for((64, 64), ("embed", "embed"), mesh, rules) == P("fsdp", None)
+
+
+def test_tree_shardings_reads_partitioned_names():
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  tree = {"w": nn.Partitioned(jax.ShapeDtypeStruct((4, 8), np.float32), ("embed", "mlp")),
+          "b": jax.ShapeDtypeStruct((8,), np.float32)}
+  out = sharding.tree_shardings(tree, mesh, config_defaults.DEFAULT_SHARDING_RULES)
+  assert set(out) == {"w", "b"}
+  assert out["b"].spec == P(None)

@@ -1,0 +1,136 @@
+"""End-to-end runs of `python -m unimm_jax.main` on the tiny UniWeTok config."""
+import glob
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO, main_command, read_metrics, run_main, subprocess_env
+
+
+def _restore_params(workdir, step):
+  """The raw saved `state` item of a checkpoint, as numpy, without the model code."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(path)
+
+
+def _flat(tree):
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def test_run_leaves_logs_images_checkpoints(full_run):
+  workdir, proc = full_run
+  metrics = read_metrics(workdir)
+  assert sorted(metrics) == [0, 1, 2, 3, 4]
+  for key in ("loss", "l1", "token_entropy", "codebook_entropy", "commitment", "grad_norm",
+              "lr", "steps_per_sec", "images_per_sec", "code_usage/00", "code_usage/mean",
+              "data/skipped_records"):
+    assert key in metrics[4], key
+  assert np.isfinite(metrics[4]["loss"])
+  assert "eval/psnr" in metrics[0] and "eval/psnr" in metrics[4]
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  pngs = sorted(os.listdir(os.path.join(workdir, "reconstructions")))
+  assert pngs == ["step_0000002.png", "step_0000004.png"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert "held-out PSNR at step 0" in proc.stdout
+  assert "held-out PSNR at step 4" in proc.stdout
+
+
+def test_eight_devices_match_one_device(full_run, tmp_path):
+  workdir, _ = full_run
+  run_main(tmp_path, "--config.train.steps=4", devices=8)
+  one, eight = read_metrics(workdir), read_metrics(tmp_path)
+  # Step 1 (same params, same batch) is the same computation up to reduction order.
+  np.testing.assert_allclose(eight[1]["loss"], one[1]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(eight[1]["grad_norm"], one[1]["grad_norm"], rtol=1e-5)
+  # Later steps drift slowly: a latent within float noise of 0 may take the other sign, and
+  # the binary quantizer turns that into a different code. Losses stay within 1e-3.
+  for step in (2, 3, 4):
+    np.testing.assert_allclose(eight[step]["loss"], one[step]["loss"], rtol=1e-3)
+
+
+def test_sigkill_and_resume_is_bit_identical(full_run, tmp_path):
+  """Kill a longer run with SIGKILL once its step-2 checkpoint exists, resume it to 4."""
+  workdir, _ = full_run
+  proc = subprocess.Popen(main_command(tmp_path, "--config.train.steps=1000"), cwd=REPO,
+                          env=subprocess_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = os.path.join(tmp_path, "checkpoints")
+  deadline = time.time() + 300
+  while not (os.path.isdir(ckpts) and "2" in os.listdir(ckpts)):
+    assert proc.poll() is None, "the run ended before it was killed"
+    assert time.time() < deadline, "no step-2 checkpoint within 300 s"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  # The kill lands a few steps after step 2; drop what was saved after it, so the resume
+  # really starts from step 2 (and from the data-iterator state saved with it).
+  for name in os.listdir(ckpts):
+    if name.isdigit() and int(name) > 2:
+      subprocess.run(["rm", "-rf", os.path.join(ckpts, name)], check=True)
+  resumed = run_main(tmp_path, "--config.train.steps=4")
+  assert "resumed from step 2" in resumed.stderr
+  reference, got = _flat(_restore_params(workdir, 4)), _flat(_restore_params(tmp_path, 4))
+  assert reference.keys() == got.keys()
+  for name in reference:
+    np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  proc = subprocess.Popen(main_command(tmp_path, "--config.train.steps=100000",
+                                       "--config.train.checkpoint_every=100000"),
+                          cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics_file = os.path.join(tmp_path, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics_file) and '"loss"' in open(metrics_file).read()):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  steps = [int(s) for s in os.listdir(os.path.join(tmp_path, "checkpoints")) if s.isdigit()]
+  assert len(steps) == 1 and 1 <= steps[0] < 100000, steps
+
+
+def test_encode_decode_round_trip(full_run, tmp_path):
+  workdir, _ = full_run
+  from PIL import Image
+  images = tmp_path / "images"
+  (images / "sub").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (37, 50, 3), np.uint8)).save(images / "a.png")
+  Image.fromarray(rng.integers(0, 255, (16, 24, 3), np.uint8)).save(images / "sub" / "b.jpg")
+  codes = tmp_path / "codes.npz"
+  run_main(workdir, f"--input={images}", f"--output={codes}", mode="encode", config=None)
+  with np.load(codes) as data:
+    assert list(data["names"]) == ["a.png", "sub/b.jpg"]
+    # tiny: downsample 4, 4 groups; 37x50 is centre-cropped to 36x48.
+    assert data["codes_00000"].shape == (9, 12, 4)
+    assert data["codes_00001"].shape == (4, 6, 4)
+    assert data["codes_00000"].min() >= 0 and data["codes_00000"].max() < 16
+  out = tmp_path / "decoded"
+  run_main(workdir, f"--input={codes}", f"--output={out}", mode="decode", config=None)
+  assert Image.open(out / "a.png").size == (48, 36)
+  assert Image.open(out / "sub" / "b.png").size == (24, 16)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.train.stepz=3", "stepz"),
+    ("--config.train.steps=abc", "config.train.steps"),
+    ("--config.data.source=nowhere", "config.data.source"),
+    ("--config.mesh.data=3", "config.mesh"),
+])
+def test_bad_config_fails_before_compiling(tmp_path, override, needle):
+  proc = subprocess.run(main_command(tmp_path, override), cwd=REPO, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert needle in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))

@@ -1,0 +1,16 @@
+"""Image conversions at the boundary between models ([-1, 1] floats) and files."""
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] float images, any shape ending in channels -> uint8 [0, 255]."""
+  return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def save_png(path: str, image: np.ndarray):
+  """Writes a (h, w, 3) uint8 image, creating parent directories."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image).save(path)
