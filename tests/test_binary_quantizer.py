@@ -56,7 +56,8 @@ def test_token_entropy_closed_form():
 
 
 def test_sign_of_zero_is_minus_one():
-  np.testing.assert_array_equal(binary_sign(jnp.array([-0.5, 0.0, -0.0, 1e-30, 2.0])), [-1, -1, -1, 1, 1])
+  signs = binary_sign(jnp.array([-0.5, 0.0, -0.0, 1e-30, 2.0]))
+  np.testing.assert_array_equal(signs, [-1, -1, -1, 1, 1])
   quantized, codes, _ = _quantize(np.zeros((1, 1, 1, G * D), np.float32))
   np.testing.assert_array_equal(quantized, -np.ones((1, 1, 1, G * D)))
   np.testing.assert_array_equal(codes, np.zeros((1, 1, 1, G)))
@@ -93,7 +94,8 @@ def test_codes_quantized_round_trip():
   np.testing.assert_array_equal(quantized, latents)
   u = np.random.default_rng(3).standard_normal((2, 3, 3, G * D)).astype(np.float32)
   quantized, codes, _ = _quantize(u)
-  np.testing.assert_array_equal(q.apply({}, codes, method=BinaryQuantizer.codes_to_quantized), quantized)
+  from_codes = q.apply({}, codes, method=BinaryQuantizer.codes_to_quantized)
+  np.testing.assert_array_equal(from_codes, quantized)
   np.testing.assert_array_equal(quantized, np.where(u > 0, 1.0, -1.0))
 
 
@@ -115,7 +117,8 @@ def test_statistics():
     counts = np.bincount(codes[:, g], minlength=2 ** D)
     freq = counts[counts > 0] / counts.sum()
     np.testing.assert_allclose(aux['code_usage'][g], np.mean(counts > 0), rtol=1e-6)
-    np.testing.assert_allclose(aux['code_perplexity'][g], np.exp(-np.sum(freq * np.log(freq))), rtol=1e-5)
+    perplexity = np.exp(-np.sum(freq * np.log(freq)))
+    np.testing.assert_allclose(aux['code_perplexity'][g], perplexity, rtol=1e-5)
   assert aux['code_usage'][0] == pytest.approx(1 / 2 ** D)
   assert aux['code_perplexity'][0] == pytest.approx(1.0)
   signs = np.where(u > 0, 1.0, -1.0).reshape(-1, G, D)

@@ -79,8 +79,8 @@ def test_rope_matches_reference(mode):
   angles = rope_2d_angles(positions, head_dim, num_prefix=registers)
   x = _randn(1, registers + h * w, heads, head_dim)
   got = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(angles)))[0]
-  np.testing.assert_allclose(got, _reference_rope(x[0], _reference_positions(h, w, mode), registers),
-                             rtol=1e-5, atol=1e-5)
+  want = _reference_rope(x[0], _reference_positions(h, w, mode), registers)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(got[:registers], x[0, :registers])
 
 
@@ -109,7 +109,8 @@ def test_rope_rejects_head_dim_not_multiple_of_4():
 # ----------------------------------------------------------------------------- norms
 
 
-@pytest.mark.parametrize('channels,groups', [(16, 16), (24, 24), (32, 32), (48, 24), (128, 32), (1024, 32)])
+@pytest.mark.parametrize('channels,groups',
+                         [(16, 16), (24, 24), (32, 32), (48, 24), (128, 32), (1024, 32)])
 def test_num_groups_for(channels, groups):
   assert num_groups_for(channels) == groups
 
@@ -142,14 +143,15 @@ def test_adaptive_group_norm_matches_numpy(channels):
   module = AdaptiveGroupNorm()
   variables = nn.unbox(jax.jit(module.init)(jax.random.key(0), x, z))
   # Non-zero biases so that both Dense layers are fully exercised.
-  params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size,
-                        variables['params'])
+  ramp = lambda p: 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size
+  params = jax.tree.map(lambda p: p + ramp(p), variables['params'])
   got = jax.jit(module.apply)({'params': params}, x, z)
   mean = z.mean(axis=(1, 2))
   std = np.sqrt(z.var(axis=(1, 2)) + 1e-6)
   scale = std @ params['gamma']['kernel'] + params['gamma']['bias']
   bias = mean @ params['beta']['kernel'] + params['beta']['bias']
-  want = scale[:, None, None] * _reference_group_norm(x, num_groups_for(channels)) + bias[:, None, None]
+  normed = _reference_group_norm(x, num_groups_for(channels))
+  want = scale[:, None, None] * normed + bias[:, None, None]
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -188,7 +190,8 @@ def test_remat_stack_is_the_same_function():
   x = jnp.asarray(_randn(2, 6, 16))
   plain, remat = TransformerStack(1, 2), TransformerStack(1, 2, remat=True)
   variables = jax.jit(plain.init)(jax.random.key(0), x)
-  assert jax.tree.structure(variables) == jax.tree.structure(jax.eval_shape(remat.init, jax.random.key(0), x))
+  remat_shapes = jax.eval_shape(remat.init, jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(remat_shapes)
   grad = lambda m: jax.jit(jax.grad(lambda v: jnp.sum(m.apply(v, x) ** 2)))(variables)
   for a, b in zip(jax.tree.leaves(grad(plain)), jax.tree.leaves(grad(remat))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -225,7 +228,8 @@ def test_depth_to_space_against_torch_pixel_shuffle():
   x = _randn(2, 3, 4, 12)
   cp = 3
   # pixel_shuffle is CRD (input channel k*4 + i*2 + j); reorder DCR channels into that layout.
-  crd = np.stack([x[..., (i * 2 + j) * cp + k] for k in range(cp) for i in range(2) for j in range(2)], -1)
+  crd = np.stack([x[..., (i * 2 + j) * cp + k]
+                  for k in range(cp) for i in range(2) for j in range(2)], -1)
   want = torch.nn.functional.pixel_shuffle(torch.from_numpy(crd).permute(0, 3, 1, 2), 2)
   np.testing.assert_array_equal(depth_to_space(jnp.asarray(x), 2), want.permute(0, 2, 3, 1).numpy())
 
@@ -234,7 +238,8 @@ def _perturbed_init(module, x):
   """Initial parameters plus noise, so norm scales and biases are not the trivial 1 and 0."""
   params = nn.unbox(jax.jit(module.init)(jax.random.key(0), x))['params']
   rng = np.random.default_rng(1)
-  return jax.tree.map(lambda p: p + jnp.asarray(0.1 * rng.standard_normal(p.shape), p.dtype), params)
+  noise = lambda p: jnp.asarray(0.1 * rng.standard_normal(p.shape), p.dtype)
+  return jax.tree.map(lambda p: p + noise(p), params)
 
 
 def _nchw(torch, a):
@@ -276,7 +281,8 @@ def test_downsample_pads_symmetrically_like_torch():
   params = _perturbed_init(module, x)
   got = jax.jit(module.apply)({'params': params}, x)
   assert got.shape == (2, 4, 4, 6)
-  want = _torch_conv(torch, _nchw(torch, x), params['conv']['kernel'], params['conv']['bias'], stride=2)
+  want = _torch_conv(torch, _nchw(torch, x), params['conv']['kernel'], params['conv']['bias'],
+                     stride=2)
   np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
 
 

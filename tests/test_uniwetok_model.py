@@ -14,9 +14,9 @@ BATCH, SIZE = 2, 32
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  fields = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_attn_blocks=1, num_heads=2, num_registers=4,
-                groups=4, group_bits=4, siglu=True, double_channel_downsample=True, generative_decoder=True,
-                entropy_temperature=0.01, dtype='float32', remat=False)
+  fields = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_attn_blocks=1, num_heads=2,
+                num_registers=4, groups=4, group_bits=4, siglu=True, double_channel_downsample=True,
+                generative_decoder=True, entropy_temperature=0.01, dtype='float32', remat=False)
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 
@@ -84,12 +84,14 @@ def test_siglu_bounds_the_encoder_output(tiny):
 
 def test_params_carry_logical_axes(tiny):
   _, variables, _, _, _ = tiny
-  leaves = jax.tree.leaves(variables['params'], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  leaves = jax.tree.leaves(variables['params'], is_leaf=is_boxed)
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
   for leaf in leaves:
     assert len(leaf.names) == leaf.value.ndim
     assert leaf.value.dtype == jnp.float32
-  rules = [('batch', 'data'), ('embed', 'fsdp'), ('conv_out', 'fsdp'), ('heads', 'tensor'), ('mlp', 'tensor')]
+  rules = [('batch', 'data'), ('embed', 'fsdp'), ('conv_out', 'fsdp'), ('heads', 'tensor'),
+           ('mlp', 'tensor')]
   specs = nn.logical_to_mesh(nn.get_partition_spec(variables), rules)
   assert specs['params']['encoder']['conv_in']['kernel'] == PartitionSpec(None, None, None, 'fsdp')
 
@@ -97,8 +99,8 @@ def test_params_carry_logical_axes(tiny):
 def test_traces_under_a_mesh_with_active_rules():
   """With rules active every boxed init and activation constraint is applied: ranks must match."""
   mesh = jax.make_mesh((1, 1, 1), ('data', 'fsdp', 'tensor'), axis_types=(AxisType.Auto,) * 3)
-  rules = [('batch', 'data'), ('embed', 'fsdp'), ('conv_out', 'fsdp'), ('heads', 'tensor'), ('mlp', 'tensor'),
-           ('kv', None), ('length', None), ('conv_in', None)]
+  rules = [('batch', 'data'), ('embed', 'fsdp'), ('conv_out', 'fsdp'), ('heads', 'tensor'),
+           ('mlp', 'tensor'), ('kv', None), ('length', None), ('conv_in', None)]
   model = UniWeTok(tiny_config())
   rngs = {'params': jax.random.key(0), 'noise': jax.random.key(0)}
   with jax.sharding.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -129,8 +131,9 @@ def test_downsample_factor():
 
 def _param_shapes(config, size=SIZE):
   model = UniWeTok(config)
-  shapes = jax.eval_shape(lambda x: model.init({'params': jax.random.key(0), 'noise': jax.random.key(0)},
-                                               x, train=True), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  rngs = {'params': jax.random.key(0), 'noise': jax.random.key(0)}
+  shapes = jax.eval_shape(lambda x: model.init(rngs, x, train=True),
+                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
   return nn.unbox(shapes)['params']
 
 
@@ -148,7 +151,8 @@ def test_cnn_only_variant_and_deterministic_decoder():
   assert 'mid_attn' not in params['encoder'] and 'mid_attn' not in params['decoder']
   assert params['decoder']['conv_in']['kernel'].shape == (3, 3, 16, 32)
   images = _images(16)
-  out = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(_random_params(params), images)
+  apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  out = apply(_random_params(params), images)
   assert out.recon.shape == (BATCH, 16, 16, 3) and out.codes.shape == (BATCH, 4, 4, 4)
 
 
@@ -172,13 +176,14 @@ def test_decoder_levels_follow_the_authors_layout():
   for level, width in [(2, 32), (1, 32), (0, 32)]:
     assert dec[f'adaptive_{level}']['gamma']['kernel'].shape == (16, width)
   assert dec['up_0_block_0']['nin_shortcut']['kernel'].shape == (1, 1, 32, 16)
-  assert 'up_0_upsample' not in dec and dec['up_1_upsample']['conv1']['kernel'].shape == (3, 3, 32, 128)
+  assert 'up_0_upsample' not in dec
+  assert dec['up_1_upsample']['conv1']['kernel'].shape == (3, 3, 32, 128)
   assert dec['conv_out']['kernel'].shape == (3, 3, 16, 3)
 
 
 def test_paper_config_builds_64_tokens_at_256px():
-  config = tiny_config(ch=128, ch_mult=(1, 1, 2, 2, 4, 8), num_res_blocks=2, num_attn_blocks=16, num_heads=16,
-                       groups=16, group_bits=8)
+  config = tiny_config(ch=128, ch_mult=(1, 1, 2, 2, 4, 8), num_res_blocks=2, num_attn_blocks=16,
+                       num_heads=16, groups=16, group_bits=8)
   model = UniWeTok(config)
   images = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
   rngs = {'params': jax.random.key(0), 'noise': jax.random.key(0)}
@@ -192,20 +197,21 @@ def test_paper_config_builds_64_tokens_at_256px():
 def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny):
   _, variables, _, _, _ = tiny  # compute dtype and remat leave the parameter tree unchanged
   model = UniWeTok(tiny_config(dtype='bfloat16', remat=True))
-  assert jax.tree.map(jnp.shape, _param_shapes(model.config)) == jax.tree.map(jnp.shape, nn.unbox(variables)['params'])
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(_param_shapes(model.config)))
+  shapes = _param_shapes(model.config)
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, nn.unbox(variables)['params'])
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
   images = _images(16)
-  out = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={'noise': jax.random.key(0)}))(variables, images)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={'noise': jax.random.key(0)}))
+  out = apply(variables, images)
   assert out.recon.dtype == jnp.float32 and out.latents.dtype == jnp.float32
   assert out.aux['token_entropy'].dtype == jnp.float32 and np.isfinite(out.aux['token_entropy'])
   assert np.all(np.isfinite(out.recon))
 
 
 def test_rejects_bad_inputs():
-  model = UniWeTok(tiny_config())
-  with pytest.raises(ValueError, match='divisible'):
-    jax.eval_shape(lambda x: model.init({'params': jax.random.key(0), 'noise': jax.random.key(0)}, x, train=True),
-                   jax.ShapeDtypeStruct((1, 30, 30, 3), jnp.float32))
+  with pytest.raises(ValueError, match='divisible by the downsample factor 4'):
+    _param_shapes(tiny_config(), size=30)
+  with pytest.raises(ValueError, match='num_heads'):
+    _param_shapes(tiny_config(num_heads=3))
   with pytest.raises(ValueError, match='dtype'):
-    jax.eval_shape(lambda x: UniWeTok(tiny_config(dtype='float16')).init(jax.random.key(0), x, train=True),
-                   jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    _param_shapes(tiny_config(dtype='float16'))

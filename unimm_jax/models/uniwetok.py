@@ -20,8 +20,9 @@ Decoder (`GANDecoder` when generative_decoder else WeTok's `Decoder`):
   Middle: num_attn_blocks transformer blocks with 4 registers, decoder-normalised 2D RoPE;
   then num_res_blocks ResBlocks at C_top.
   Per level, top-down (i = L-1 .. 0): AdaptiveGroupNorm(z -> current width) styled by the
-  quantized latent, num_res_blocks ResBlocks (the first maps the current width to C_i),
-  then an Upsampler (conv3x3 to 4C, DCR depth_to_space) except at level 0.
+  quantized latent, num_res_blocks ResBlocks (as many as the encoder, not taming's
+  num_res_blocks + 1; the first maps the current width to C_i), then an Upsampler (conv3x3
+  to 4C, DCR depth_to_space) except at level 0.
   Head: GroupNorm -> swish -> conv3x3 (with bias) to 3.
 The middle transformer's heads: the code's default n_heads = 16 (no released config sets
 another), i.e. head_dim 64 at the paper's top width 1024; here `num_heads` in the config.

@@ -37,7 +37,10 @@ def code_matrix(bits: int) -> jax.Array:
 
 def _entropy_terms(u: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
   """Token and codebook entropy of grouped latents u (n, g, d'), in float32."""
-  logits = 2.0 * jnp.einsum('ngd,kd->ngk', u.astype(jnp.float32), code_matrix(u.shape[-1]))
+  # HIGHEST: TPUs otherwise multiply float32 in one bf16 pass, and an error of 1e-3 in u
+  # becomes ~1 nat in logits / 0.01.
+  logits = 2.0 * jnp.einsum('ngd,kd->ngk', u.astype(jnp.float32), code_matrix(u.shape[-1]),
+                            precision=jax.lax.Precision.HIGHEST)
   log_p = jax.nn.log_softmax(logits / temperature, axis=-1)
   p = jnp.exp(log_p)
   token_entropy = jnp.mean(-jnp.sum(p * log_p, axis=-1))
@@ -51,7 +54,7 @@ def _code_statistics(codes: jax.Array, signs: jax.Array, bits: int) -> dict[str,
   n, g = codes.shape
   histogram = jnp.zeros((g, 2 ** bits), jnp.float32).at[jnp.arange(g)[None, :], codes].add(1.0)
   frequency = histogram / n
-  safe = jnp.where(frequency > 0, frequency, 1.0)  # 0 log 0 = 0 without a NaN gradient path
+  safe = jnp.where(frequency > 0, frequency, 1.0)  # unused codes: 0 * log(1), so 0 log 0 = 0
   plogp = frequency * jnp.log(safe)
   return {
       'code_usage': jnp.mean(histogram > 0, axis=-1, dtype=jnp.float32),
