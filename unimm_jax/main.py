@@ -31,10 +31,16 @@ _MULTIHOST = flags.DEFINE_bool(
     "e.g. every worker of a TPU pod; see launch/tpu_pod.sh).")
 
 
+def _quiet_checkpoint_logs(record) -> bool:
+  """Keeps Orbax's warnings but not its dozens of INFO lines per checkpoint."""
+  return record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.INFO)  # progress with ETA (CLU ReportProgress) is INFO
+  logging.get_absl_handler().addFilter(_quiet_checkpoint_logs)
   if _MULTIHOST.value:
     jax.distributed.initialize()
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),

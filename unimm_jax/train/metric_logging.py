@@ -54,12 +54,16 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + jsonl on process 0; console-only logging on the others."""
+  """TensorBoard + metrics.jsonl on process 0; nothing on the others.
+
+  The console gets a short line per logged step from the trainer instead of CLU's
+  LoggingWriter, which would print every per-group statistic.
+  """
   if jax.process_index() != 0:
-    return metric_writers.create_default_writer(just_logging=True)
+    return metric_writers.MultiWriter([])
   os.makedirs(workdir, exist_ok=True)
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
+      metric_writers.SummaryWriter(workdir),
       JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
   ])
 

@@ -172,7 +172,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
 
   nonfinite_seen, consecutive_bad = int(jax.device_get(state.nonfinite_steps)), 0
   last_log_step, last_log_time = step, time.perf_counter()
-  saved_step = latest
+  saved_step, first_step = latest, step
   try:
     while step < tc.steps and not preemption.requested:
       host_batch = next(data_iter)
@@ -182,6 +182,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
         state, metrics = train_step(state, batch, setup.train_rng)
       step += 1
       report(step)
+      if step == first_step + 1:  # throughput is measured from after compilation
+        jax.block_until_ready(state)
+        last_log_step, last_log_time = step, time.perf_counter()
 
       if step % tc.log_every == 0 or step == tc.steps:
         metrics, nonfinite_total = jax.device_get((metrics, state.nonfinite_steps))

@@ -1,0 +1,99 @@
+"""Train-step throughput of the UniWeTok tokenizer and its achieved FLOP/s.
+
+Measures, in one process on whatever backend JAX picks:
+  * the peak of a square float32 GEMM (the roof we compare against),
+  * images/s of the jitted, donated train step for the demo config (64 px) and for a
+    paper-width config at 128 px (channel 128, mult [1,1,2,2,4,8], 16 attention blocks),
+  * achieved FLOP/s = XLA's cost-analysis FLOPs of the compiled step x steps/s.
+
+  python bench/tokenizer_step.py [--steps 5] [--paper_batch 4]
+"""
+import argparse
+import importlib.util
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm_jax.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(arg):
+  spec = importlib.util.spec_from_file_location("uniwetok_config",
+                                                os.path.join(REPO, "configs", "uniwetok.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def peak_gemm_flops(n: int, reps: int = 5) -> float:
+  """Best-of-`reps` FLOP/s of an (n, n) @ (n, n) float32 matmul."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  matmul = jax.jit(lambda a, b: a @ b)
+  matmul(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
+
+
+def bench_train_step(config, steps: int) -> dict:
+  """Compiles the trainer's train step once and times `steps` calls after a warm-up."""
+  setup = trainer.Setup(config)
+  state = setup.init_state()
+  size, batch = config.data.image_size, config.train.batch_size
+  images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+  batch_arrays = {"image": setup.global_images(images, host_local=True)}
+  with setup.activate():
+    compiled = setup.compile_train_step().lower(
+        state, batch_arrays, setup.train_rng).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  state, metrics = compiled(state, batch_arrays, setup.train_rng)  # warm-up
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch_arrays, setup.train_rng)
+  jax.block_until_ready((state, metrics))
+  seconds = (time.perf_counter() - start) / steps
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  return dict(images_per_sec=batch / seconds, step_seconds=seconds, flops_per_step=flops,
+              achieved_flops=flops / seconds, params=params, batch=batch, size=size)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--paper_batch", type=int, default=4)
+  parser.add_argument("--gemm_n", type=int, default=0, help="0: 2048 on CPU, 8192 else")
+  args = parser.parse_args()
+
+  backend = jax.default_backend()
+  n = args.gemm_n or (2048 if backend == "cpu" else 8192)
+  peak = peak_gemm_flops(n)
+  print(f"backend {backend} ({jax.device_count()} device(s): {jax.devices()[0].device_kind})")
+  print(f"peak float32 GEMM {n}x{n}: {peak / 1e9:.1f} GFLOP/s")
+
+  demo = load_config("demo")
+  paper = load_config("paper")
+  paper.data.image_size = 128
+  paper.train.batch_size = args.paper_batch
+  for name, config in (("demo (64 px)", demo), ("paper width (128 px)", paper)):
+    r = bench_train_step(config, args.steps)
+    print(f"{name}: batch {r['batch']}, {r['params'] / 1e6:.1f}M params, "
+          f"{r['step_seconds'] * 1e3:.0f} ms/step, {r['images_per_sec']:.1f} images/s, "
+          f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step, "
+          f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * r['achieved_flops'] / peak:.1f}% of peak GEMM")
+
+
+if __name__ == "__main__":
+  main()
