@@ -9,25 +9,14 @@ Measures, in one process on whatever backend JAX picks:
   python bench/tokenizer_step.py [--steps 5] [--paper_batch 4]
 """
 import argparse
-import importlib.util
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unimm_jax import config_defaults
 from unimm_jax.train import trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(arg):
-  spec = importlib.util.spec_from_file_location("uniwetok_config",
-                                                os.path.join(REPO, "configs", "uniwetok.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def peak_gemm_flops(n: int, reps: int = 5) -> float:
@@ -82,8 +71,8 @@ def main():
   print(f"backend {backend} ({jax.device_count()} device(s): {jax.devices()[0].device_kind})")
   print(f"peak float32 GEMM {n}x{n}: {peak / 1e9:.1f} GFLOP/s")
 
-  demo = load_config("demo")
-  paper = load_config("paper")
+  demo = config_defaults.load_config("configs/uniwetok.py:demo")
+  paper = config_defaults.load_config("configs/uniwetok.py:paper")
   paper.data.image_size = 128
   paper.train.batch_size = args.paper_batch
   for name, config in (("demo (64 px)", demo), ("paper width (128 px)", paper)):

@@ -1,7 +1,4 @@
 """Configs build and validate; the mesh and logical shardings follow config."""
-import importlib.util
-import os
-
 import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
@@ -13,15 +10,9 @@ from unimm_jax import config_defaults
 from unimm_jax.parallel import mesh as mesh_lib
 from unimm_jax.parallel import sharding
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def load_config(arg):
-  spec = importlib.util.spec_from_file_location("uniwetok_config",
-                                                os.path.join(REPO, "configs", "uniwetok.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+def load_config(variant):
+  return config_defaults.load_config(f"configs/uniwetok.py:{variant}")
 
 
 @pytest.mark.parametrize("variant", ["tiny", "demo", "paper"])

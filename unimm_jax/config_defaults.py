@@ -5,6 +5,8 @@ command line (`--config.train.stepz=5` names `stepz`). `validate` adds the check
 depend on values: enumerations, positivity, divisibility. It raises `ValueError` naming the
 offending key, so a bad run fails in a second instead of after compilation.
 """
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -66,6 +68,21 @@ _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.image_
              "optim.lr")
 _NON_NEGATIVE = ("train.eval_num_images", "train.grid_images",
                  "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/uniwetok.py:tiny,demo' -> that file's get_config('tiny,demo').
+
+  The path is taken as given, else relative to the repository root (so tests, benchmarks
+  and notebooks find the configs from any working directory).
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+  module_spec = importlib.util.spec_from_file_location("unimm_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
