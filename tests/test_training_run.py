@@ -134,3 +134,23 @@ def test_bad_config_fails_before_compiling(tmp_path, override, needle):
   assert proc.returncode != 0
   assert needle in proc.stderr
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_corrupt_files_in_a_folder_are_skipped_and_logged(tmp_path):
+  from PIL import Image
+  folder = tmp_path / "images"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(folder / f"{i}.jpg")
+  good = (folder / "0.jpg").read_bytes()
+  (folder / "truncated.jpg").write_bytes(good[:len(good) // 3])
+  (folder / "not_an_image.png").write_text("plain text")
+  workdir = tmp_path / "run"
+  run_main(workdir, "--config.data.source=folder", f"--config.data.path={folder}",
+           "--config.train.steps=3", "--config.train.batch_size=8")
+  metrics = read_metrics(workdir)
+  assert max(metrics) == 3 and np.isfinite(metrics[3]["loss"])
+  # 8 images: 1 held out for eval (every 100th record), 7 in training, 2 of them corrupt;
+  # 3 batches of 8 pass each corrupt file several times, each time counted.
+  assert metrics[3]["data/skipped_records"] >= 2

@@ -158,13 +158,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
   report = periodic_actions.ReportProgress(num_train_steps=tc.steps, every_secs=None,
                                            every_steps=tc.log_every)
 
+  last_eval = {}
+
   def evaluate(state, step) -> tuple[float, np.ndarray]:
-    """Mean PSNR of the held-out crops (EMA params), logged; and the reconstructions."""
-    with setup.activate():
-      recons = np.asarray(jax.device_get(eval_step(state, eval_batch)))
-    value = float(np.mean(image_metrics.psnr(eval_images, recons, data_range=2.0)))
-    writer.write_scalars(step, {"eval/psnr": value})
-    return value, recons
+    """Mean PSNR of the held-out crops (EMA params), logged once per step; and the recons."""
+    if last_eval.get("step") != step:
+      with setup.activate():
+        recons = np.asarray(jax.device_get(eval_step(state, eval_batch)))
+      value = float(np.mean(image_metrics.psnr(eval_images, recons, data_range=2.0)))
+      writer.write_scalars(step, {"eval/psnr": value})
+      last_eval.update(step=step, value=value, recons=recons)
+    return last_eval["value"], last_eval["recons"]
 
   psnr_start, recons = evaluate(state, step)
   print(f"held-out PSNR at step {step}: {psnr_start:.2f} dB "
