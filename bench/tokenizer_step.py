@@ -42,15 +42,15 @@ def bench_train_step(config, steps: int) -> dict:
   batch_arrays = {"image": setup.global_images(images, host_local=True)}
   with setup.activate():
     compiled = setup.compile_train_step().lower(
-        state, batch_arrays, setup.train_rng).compile()
+        state, setup.frozen, batch_arrays, setup.train_rng).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
-  state, metrics = compiled(state, batch_arrays, setup.train_rng)  # warm-up
+  state, metrics = compiled(state, setup.frozen, batch_arrays, setup.train_rng)  # warm-up
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, batch_arrays, setup.train_rng)
+    state, metrics = compiled(state, setup.frozen, batch_arrays, setup.train_rng)
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - start) / steps
   params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -49,6 +49,22 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       entropy=0.1,  # delta, on (token entropy - codebook_entropy_ratio * codebook entropy).
       codebook_entropy_ratio=1.0,
       commitment=0.0,
+      perceptual=1.0,  # LPIPS (VGG); needs config.lpips.path
+      gan=0.1,  # generator's adversarial term; 0 trains without a discriminator
+  ))
+  config.lpips = ml_collections.ConfigDict(dict(
+      path="",  # safetensors of the lpips package's state dict (README: LPIPS weights)
+      allow_random=False,  # random VGG trunk: smoke tests only, not a perceptual loss
+  ))
+  # WeTok's discriminator: PatchGAN 3 layers, ndf 64, BatchNorm; hinge + 0.05 LeCAM (EMA
+  # 0.999); non-saturating generator loss, fixed weight (no adaptive rule), from step 0.
+  config.disc = ml_collections.ConfigDict(dict(
+      name="patchgan", n_layers=3, ndf=64,
+      stylegan_channel_base=16384, stylegan_channel_max=512,
+      d_loss="hinge", g_loss="non_saturating", average_patches_first=True, start=0,
+      lecam=0.05, lecam_decay=0.999, r1=0.0,
+      adaptive=False, adaptive_layer="decoder/conv_out/kernel", adaptive_max=1e4,
+      lr=1e-4, b1=0.5, b2=0.9,
   ))
   config.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0,
@@ -70,6 +86,10 @@ def _paper(config):
 
 
 def _demo(config):
+  # The built-in data ships no LPIPS weights and 500 CPU steps are too few for a GAN;
+  # `demo,gan` adds a small discriminator (README).
+  config.loss.perceptual = 0.0
+  config.loss.gan = 0.0
   m = config.model
   # Top width 128 like ch 32 x (1,2,2,4) but half the cost: on CPU the 64 px conv levels
   # dominate the step, so the first level is kept narrow.
@@ -89,9 +109,14 @@ def _demo(config):
   config.train.checkpoint_every = 100
   config.train.eval_every = 250
   config.train.eval_num_images = 16
+  config.eval.num_images = 64
+  config.eval.batch_size = 16
 
 
 def _tiny(config):
+  config.loss.perceptual = 0.0
+  config.loss.gan = 0.0
+  config.disc.ndf = 8
   m = config.model
   m.ch, m.ch_mult, m.num_res_blocks = 16, (1, 2, 2), 1
   m.num_attn_blocks, m.num_heads = 1, 2
@@ -108,6 +133,14 @@ def _tiny(config):
   config.train.checkpoint_every = 2
   config.train.eval_every = 4
   config.train.eval_num_images = 4
+  config.eval.num_images = 6
+  config.eval.batch_size = 4
 
 
-_VARIANTS = {"paper": _paper, "demo": _demo, "tiny": _tiny}
+def _gan(config):
+  """Turns the GAN on (after a size variant): a narrower PatchGAN for CPU runs."""
+  config.loss.gan = 0.1
+  config.disc.ndf = min(config.disc.ndf, 32)
+
+
+_VARIANTS = {"paper": _paper, "demo": _demo, "tiny": _tiny, "gan": _gan}

@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
+from inception_fixture_weights import random_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "configs/uniwetok.py:tiny"
@@ -56,3 +60,20 @@ def full_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full_run")
   proc = run_main(workdir, "--config.train.steps=4")
   return workdir, proc
+
+
+@pytest.fixture(scope="session")
+def inception_reference():
+  """pytorch-fid's features for the seeded random weights (tests/fixtures/*inception*)."""
+  with np.load(os.path.join(REPO, "tests", "fixtures", "inception_reference.npz")) as data:
+    shapes = json.loads(str(data["state_dict_shapes"]))
+    return dict(images=data["images"], features=data["features"], seed=int(data["seed"]),
+                state_dict=random_state_dict(shapes, int(data["seed"])))
+
+
+@pytest.fixture(scope="session")
+def inception_weights_file(inception_reference, tmp_path_factory):
+  """Those weights as a safetensors file under pytorch-fid's key names (95 MB, written once)."""
+  path = str(tmp_path_factory.mktemp("inception") / "fid_inception.safetensors")
+  save_file(inception_reference["state_dict"], path)
+  return path

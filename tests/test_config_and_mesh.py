@@ -15,9 +15,17 @@ def load_config(variant):
   return config_defaults.load_config(f"configs/uniwetok.py:{variant}")
 
 
-@pytest.mark.parametrize("variant", ["tiny", "demo", "paper"])
+@pytest.mark.parametrize("variant", ["tiny", "demo", "tiny,gan", "demo,gan"])
 def test_variants_validate(variant):
   config_defaults.validate(load_config(variant))
+
+
+def test_paper_variant_needs_lpips_weights():
+  config = load_config("paper")
+  with pytest.raises(ValueError, match=r"config\.lpips\.path"):
+    config_defaults.validate(config)
+  config.lpips.path = "/weights/lpips_vgg.safetensors"
+  config_defaults.validate(config)
 
 
 def test_paper_variant_is_the_appendix_configuration():
@@ -30,6 +38,11 @@ def test_paper_variant_is_the_appendix_configuration():
   assert (c.optim.name, c.optim.lr, c.optim.b1, c.optim.b2) == ("adam", 1e-4, 0.5, 0.9)
   assert c.optim.weight_decay == 0 and c.optim.warmup_steps == 0
   assert c.ema_decay > 0 and c.train.batch_size == 128
+  # WeTok's loss weights and discriminator (SPECS 1).
+  assert (c.loss.l1, c.loss.perceptual, c.loss.gan, c.loss.entropy) == (1.0, 1.0, 0.1, 0.1)
+  assert (c.disc.name, c.disc.n_layers, c.disc.ndf) == ("patchgan", 3, 64)
+  assert (c.disc.d_loss, c.disc.g_loss, c.disc.start) == ("hinge", "non_saturating", 0)
+  assert (c.disc.lecam, c.disc.lecam_decay, c.disc.adaptive) == (0.05, 0.999, False)
 
 
 def test_unknown_variant_is_named():

@@ -1,11 +1,9 @@
 """FID InceptionV3: parity with pytorch-fid's own network, loader checks, resize and pools.
 
-The parity reference is tests/fixtures/inception_reference.npz, made by pytorch-fid itself
+The parity inception_reference is tests/fixtures/inception_reference.npz, made by pytorch-fid itself
 (tests/fixtures/make_inception_fixture.py, separate venv) with weights that
 tests/inception_fixture_weights.py regenerates here from the stored keys, shapes and seed.
 """
-import json
-import os
 import re
 
 import jax
@@ -13,38 +11,19 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from inception_fixture_weights import random_state_dict
 from unimm_jax.convert.inception_weights import load_fid_inception
 from unimm_jax.models.inception import (FIDInceptionV3, _avg_pool_3x3_same, _max_pool_3x3,
                                         resize_bilinear_like_torch)
 
-FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'inception_reference.npz')
-
-
-@pytest.fixture(scope='module')
-def reference():
-  with np.load(FIXTURE) as data:
-    shapes = json.loads(str(data['state_dict_shapes']))
-    return dict(images=data['images'], features=data['features'], seed=int(data['seed']),
-                state_dict=random_state_dict(shapes, int(data['seed'])))
-
-
-@pytest.fixture(scope='module')
-def weights_file(reference, tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('inception') / 'fid_inception.safetensors')
-  save_file(reference['state_dict'], path)
-  return path
-
-
-def test_features_match_pytorch_fid(reference, weights_file):
-  model, variables = load_fid_inception(weights_file)
+def test_features_match_pytorch_fid(inception_reference, inception_weights_file):
+  model, variables = load_fid_inception(inception_weights_file)
   assert isinstance(model, FIDInceptionV3)
   assert set(variables) == {'params', 'batch_stats'}
-  images = reference['images']
+  images = inception_reference['images']
   assert images.shape == (2, 72, 88, 3)
   features = np.asarray(jax.jit(model.apply)(variables, images))
   assert features.shape == (2, 2048) and features.dtype == np.float32
-  np.testing.assert_allclose(features, reference['features'], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(features, inception_reference['features'], rtol=1e-4, atol=1e-4)
 
 
 def _write(state_dict, tmp_path):
@@ -53,15 +32,15 @@ def _write(state_dict, tmp_path):
   return path
 
 
-def test_loader_accepts_a_state_dict_without_batch_counters(reference, tmp_path):
+def test_loader_accepts_a_state_dict_without_batch_counters(inception_reference, tmp_path):
   # The original .pth may predate BatchNorm's num_batches_tracked buffer.
-  state = {k: v for k, v in reference['state_dict'].items() if 'num_batches_tracked' not in k}
+  state = {k: v for k, v in inception_reference['state_dict'].items() if 'num_batches_tracked' not in k}
   _, variables = load_fid_inception(_write(state, tmp_path))
   kernel = variables['params']['Mixed_7c']['branch3x3_2a']['conv']['kernel']
-  want = reference['state_dict']['Mixed_7c.branch3x3_2a.conv.weight'].transpose(2, 3, 1, 0)
+  want = inception_reference['state_dict']['Mixed_7c.branch3x3_2a.conv.weight'].transpose(2, 3, 1, 0)
   np.testing.assert_array_equal(kernel, want)
   np.testing.assert_array_equal(variables['batch_stats']['Conv2d_1a_3x3']['bn']['var'],
-                                reference['state_dict']['Conv2d_1a_3x3.bn.running_var'])
+                                inception_reference['state_dict']['Conv2d_1a_3x3.bn.running_var'])
 
 
 @pytest.mark.parametrize('edit, message', [
@@ -72,8 +51,8 @@ def test_loader_accepts_a_state_dict_without_batch_counters(reference, tmp_path)
     ('reshape', "key 'Mixed_5b.branch_pool.conv.weight' has shape (64, 192, 1, 1), "
                 "expected (32, 192, 1, 1)"),
 ])
-def test_loader_names_the_bad_key(reference, tmp_path, edit, message):
-  state = dict(reference['state_dict'])
+def test_loader_names_the_bad_key(inception_reference, tmp_path, edit, message):
+  state = dict(inception_reference['state_dict'])
   if edit == 'drop':
     del state['Mixed_6c.branch7x7dbl_4.bn.running_var']
   elif edit == 'drop_fc':

@@ -28,12 +28,12 @@ def test_nan_batch_is_skipped_and_counted(tiny_setup):
   state = setup.init_state()
   before = jax.device_get(state.params)
   with setup.activate():
-    state, metrics = train_step(state, _batch(setup, np.nan), setup.train_rng)
+    state, metrics = train_step(state, setup.frozen, _batch(setup, np.nan), setup.train_rng)
   assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
   assert int(state.step) == 1 and int(state.nonfinite_steps) == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
   with setup.activate():
-    state, metrics = train_step(state, _batch(setup), setup.train_rng)
+    state, metrics = train_step(state, setup.frozen, _batch(setup), setup.train_rng)
   assert int(metrics["nonfinite"]) == 0 and np.isfinite(float(metrics["loss"]))
   assert int(state.step) == 2 and int(state.nonfinite_steps) == 1
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
@@ -57,3 +57,37 @@ def test_ema_warmup_closed_form():
   np.testing.assert_allclose(update_ema(ema, params, 0.999, jnp.int32(10**6)),
                              0.001 * np.ones(3), rtol=1e-4)
   np.testing.assert_allclose(update_ema(ema, params, 0.0, jnp.int32(5)), np.ones(3))
+
+
+def test_gan_step_with_adaptive_weight_and_perceptual_loss():
+  config = load_config("tiny,gan")
+  config.disc.adaptive = True
+  config.loss.perceptual = 1.0
+  config.lpips.allow_random = True
+  setup = trainer.Setup(config)
+  state = setup.init_state()
+  batch = _batch(setup)
+  with setup.activate():
+    new_state, metrics = setup.compile_train_step()(
+        jax.tree.map(jnp.copy, state), setup.frozen, batch, setup.train_rng)
+  for key in ("gan", "perceptual", "gan_adaptive_weight", "disc/d_loss", "disc/lecam"):
+    assert np.isfinite(float(metrics[key])), key
+  # The adaptive weight is the VQGAN rule on the decoder's last kernel, computed here from
+  # separate gradients of the reconstruction-side loss and of the GAN term.
+  task, images = setup.task, batch["image"]
+  rng = jax.random.fold_in(setup.train_rng, state.step)
+  @jax.jit
+  def last_layer_grads(params):
+    grad_of = lambda i: jax.grad(
+        lambda p: task._losses(p, state, setup.frozen, images, rng)[0][i])(params)
+    return [g["decoder"]["conv_out"]["kernel"] for g in (grad_of(0), grad_of(1))]
+  with setup.activate():
+    g_nll, g_gan = last_layer_grads(state.params)
+  expected = np.linalg.norm(g_nll) / (np.linalg.norm(g_gan) + 1e-4)
+  np.testing.assert_allclose(float(metrics["gan_adaptive_weight"]), expected, rtol=1e-4)
+  # The discriminator and its LeCAM EMAs moved.
+  disc_before, disc_after = jax.device_get(state.extra), jax.device_get(new_state.extra)
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), disc_before.params,
+                       disc_after.params)
+  assert all(jax.tree.leaves(moved))
+  assert float(disc_after.lecam.real) != 0.0

@@ -1,5 +1,6 @@
 """End-to-end runs of `python -m unimm_jax.main` on the tiny UniWeTok config."""
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -154,3 +155,17 @@ def test_corrupt_files_in_a_folder_are_skipped_and_logged(tmp_path):
   # 8 images: 1 held out for eval (every 100th record), 7 in training, 2 of them corrupt;
   # 3 batches of 8 pass each corrupt file several times, each time counted.
   assert metrics[3]["data/skipped_records"] >= 2
+
+
+def test_eval_mode_writes_metrics(full_run, inception_weights_file):
+  workdir, _ = full_run
+  proc = run_main(workdir, "--config.lpips.allow_random=True",
+                  f"--config.eval.inception_path={inception_weights_file}", mode="eval")
+  with open(os.path.join(workdir, "eval_4.json")) as f:
+    results = json.load(f)
+  assert results["step"] == 4 and results["num_images"] == 6
+  for key in ("psnr", "ssim", "lpips", "rfid", "code_usage_mean", "code_perplexity_mean"):
+    assert np.isfinite(results[key]), key
+  assert len(results["code_usage"]) == 4  # tiny: 4 groups
+  assert "eval of step 4 on 6 images: psnr" in proc.stdout
+  assert "eval/ssim" in read_metrics(workdir)[4]

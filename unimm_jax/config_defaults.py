@@ -51,6 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
       max_nonfinite_steps=20,  # consecutive skipped (NaN/Inf) steps before giving up
   ))
 
+  # --mode=eval: the eval split of config.data, in batches.
+  config.eval = ml_collections.ConfigDict(dict(
+      num_images=50_000,
+      batch_size=50,
+      inception_path="",  # pytorch-fid's FID Inception weights as safetensors, for rFID
+  ))
+
   # Mesh axis sizes; one may be -1 to take the devices left over.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding_rules = DEFAULT_SHARDING_RULES
@@ -65,7 +72,7 @@ _ENUMS = {
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.image_every",
              "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
-             "optim.lr")
+             "optim.lr", "eval.num_images", "eval.batch_size")
 _NON_NEGATIVE = ("train.eval_num_images", "train.grid_images",
                  "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay")
 
@@ -126,6 +133,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     data_config.validate_data_config(config.data)
   except ValueError as e:  # name the key as it is spelled on the command line
     raise ValueError(str(e).replace("data_config", "config.data", 1)) from None
+  if (_has(config, "loss.perceptual") and config.loss.perceptual
+      and not (config.lpips.path or config.lpips.allow_random)):
+    raise ValueError(
+        f"config.loss.perceptual={config.loss.perceptual} needs LPIPS weights: set "
+        "config.lpips.path to a safetensors file (README: LPIPS weights), or "
+        "config.loss.perceptual=0, or config.lpips.allow_random=True for a smoke test")
   if _has(config, "model.ch_mult"):
     factor = 2 ** (len(config.model.ch_mult) - 1)
     if config.data.image_size % factor:

@@ -1,6 +1,7 @@
 r"""Entry point: train a config, or encode/decode images with a trained tokenizer.
 
   python -m unimm_jax.main --config=configs/uniwetok.py:demo --workdir=/tmp/run
+  python -m unimm_jax.main --mode=eval --workdir=/tmp/run
   python -m unimm_jax.main --mode=encode --workdir=/tmp/run --input=photos/ --output=codes.npz
   python -m unimm_jax.main --mode=decode --workdir=/tmp/run --input=codes.npz --output=out/
 
@@ -16,14 +17,16 @@ from ml_collections import config_flags
 from unimm_jax import config_defaults
 from unimm_jax.inference import image_codec
 from unimm_jax.models import registry
+from unimm_jax.train import from_checkpoint
 from unimm_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/uniwetok.py:demo. encode/decode default to "
+    "config", None, "Config file, e.g. configs/uniwetok.py:demo. eval/encode/decode default to "
     "the config saved with the workdir's checkpoint.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.",
                                required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "encode", "decode"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "encode", "decode"],
+                          "What to run.")
 _INPUT = flags.DEFINE_string("input", None, "encode: image folder; decode: .npz of codes.")
 _OUTPUT = flags.DEFINE_string("output", None, "encode: .npz to write; decode: folder.")
 _MULTIHOST = flags.DEFINE_bool(
@@ -52,10 +55,14 @@ def main(argv):
     config_defaults.validate(config)
     trainer.train_and_evaluate(config, _WORKDIR.value)
     return
+  if _MODE.value == "eval":
+    config = config if config is not None else from_checkpoint.saved_config(_WORKDIR.value)
+    from_checkpoint.evaluate_checkpoint(config, _WORKDIR.value)
+    return
   if not (_INPUT.value and _OUTPUT.value):
     raise app.UsageError(f"--mode={_MODE.value} needs --input and --output")
-  config = config if config is not None else trainer.saved_config(_WORKDIR.value)
-  task, params = trainer.restore_ema_params(config, _WORKDIR.value)
+  config = config if config is not None else from_checkpoint.saved_config(_WORKDIR.value)
+  task, params = from_checkpoint.restore_ema_params(config, _WORKDIR.value)
   if _MODE.value == "encode":
     encode = jax.jit(lambda images: task.encode(params, images))
     n = image_codec.encode_folder(encode, _INPUT.value, _OUTPUT.value,

@@ -183,9 +183,8 @@ def build_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch
   return iter(ds)
 
 
-def build_eval_images(data_config: ml_collections.ConfigDict,
-                      num_images: int) -> np.ndarray:
-  """Deterministic held-out eval images, `float32 (num_images, s, s, 3)` in [-1, 1].
+def iter_eval_images(data_config: ml_collections.ConfigDict, num_images: int):
+  """Yields the deterministic held-out eval images one by one, `float32 (s, s, 3)`.
 
   Reads the eval split of `sources.make_source` in order and takes the eval view of each
   record: centre crop (random_crop / center_crop modes) or full resize, never flipped. When
@@ -198,9 +197,8 @@ def build_eval_images(data_config: ml_collections.ConfigDict,
     raise ValueError(f'num_images must be >= 0, got {num_images}')
   source = make_source(data_config, 'eval')
   transform = ImageTransform(data_config.image_size, data_config.resize_mode, flip=False)
-  images = []
-  position = failures_in_a_row = 0
-  while len(images) < num_images:
+  produced = position = failures_in_a_row = 0
+  while produced < num_images:
     rng = (None if position < len(source)
            else np.random.default_rng([_EVAL_CROP_SEED, position]))
     out = transform(source[position % len(source)], rng)
@@ -212,7 +210,26 @@ def build_eval_images(data_config: ml_collections.ConfigDict,
                          f'{out.reason}')
       continue
     failures_in_a_row = 0
-    images.append(out['image'])
+    produced += 1
+    yield out['image']
+
+
+def iter_eval_batches(data_config: ml_collections.ConfigDict, num_images: int,
+                      batch_size: int):
+  """`iter_eval_images` in batches `float32 (b, s, s, 3)`; the last one may be smaller."""
+  batch = []
+  for image in iter_eval_images(data_config, num_images):
+    batch.append(image)
+    if len(batch) == batch_size:
+      yield np.stack(batch)
+      batch = []
+  if batch:
+    yield np.stack(batch)
+
+
+def build_eval_images(data_config: ml_collections.ConfigDict,
+                      num_images: int) -> np.ndarray:
+  """All of `iter_eval_images` at once, `float32 (num_images, s, s, 3)` in [-1, 1]."""
+  images = list(iter_eval_images(data_config, num_images))
   size = data_config.image_size
   return np.stack(images) if images else np.zeros((0, size, size, 3), np.float32)
-

@@ -12,12 +12,16 @@ def _is_partitioned(x) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
+class LogicalAxes(tuple):
+  """Logical axis names of one array. A tuple subclass, so pytrees treat it as a leaf."""
+
+
 def logical_names(tree) -> Any:
-  """Per leaf, the tuple of logical axis names (None entries for unannotated dims)."""
+  """Per leaf, its LogicalAxes (None entries for unannotated dims)."""
   def names(leaf):
     if _is_partitioned(leaf):
-      return tuple(leaf.names)
-    return (None,) * len(getattr(leaf, "shape", ()))
+      return LogicalAxes(leaf.names)
+    return LogicalAxes((None,) * len(getattr(leaf, "shape", ())))
   return jax.tree.map(names, tree, is_leaf=_is_partitioned)
 
 
@@ -53,8 +57,7 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: Rules):
   unboxed = nn.unbox(abstract_tree)
   return jax.tree.map(
       lambda leaf, logical: NamedSharding(mesh, spec_for(leaf.shape, logical, mesh, rules)),
-      unboxed, names, is_leaf=lambda x: isinstance(x, tuple) and all(
-          n is None or isinstance(n, str) for n in x))
+      unboxed, names)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

@@ -15,12 +15,16 @@ class TrainState:
   opt_state: Any
   nonfinite_steps: jax.Array  # updates skipped because loss or gradients were NaN/Inf
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  # Task-specific trained state beside the main model, e.g. a GAN discriminator with its own
+  # optimiser; None when the task has none. Checkpointed and sharded with the rest.
+  extra: Any = None
 
   @classmethod
-  def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+  def create(cls, params, tx: optax.GradientTransformation, extra: Any = None
+             ) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-               nonfinite_steps=jnp.zeros((), jnp.int32), tx=tx)
+               nonfinite_steps=jnp.zeros((), jnp.int32), tx=tx, extra=extra)
 
   def apply_gradients(self, grads, ema_decay: float) -> "TrainState":
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)

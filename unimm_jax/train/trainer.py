@@ -3,6 +3,7 @@
 The trainer knows nothing about a particular model; a task (config.task) supplies
 `init`, `train_step` and `eval_step`.
 """
+import functools
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from clu import periodic_actions
 import flax.linen as nn
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -76,9 +78,16 @@ class Setup:
                    out_shardings=self.state_shardings)
     return init(self.init_rng)
 
+  @functools.cached_property
+  def frozen(self):
+    """The task's frozen networks (e.g. LPIPS), replicated on every device; loaded once."""
+    return jax.device_put(self.task.load_frozen(), NamedSharding(self.mesh, P()))
+
   def compile_train_step(self):
+    """jit of task.train_step(state, frozen, batch, rng) with the state donated."""
     return jax.jit(self.task.train_step,
-                   in_shardings=(self.state_shardings, {"image": self.image_sharding}, None),
+                   in_shardings=(self.state_shardings, None, {"image": self.image_sharding},
+                                 None),
                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
   def compile_eval_step(self):
@@ -183,7 +192,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
       progress["skipped_records"] += int(host_batch["skipped"].sum())
       batch = {"image": setup.global_images(host_batch["image"], host_local=True)}
       with jax.profiler.StepTraceAnnotation("train", step_num=step), setup.activate():
-        state, metrics = train_step(state, batch, setup.train_rng)
+        state, metrics = train_step(state, setup.frozen, batch, setup.train_rng)
       step += 1
       report(step)
       if step == first_step + 1:  # throughput is measured from after compilation
@@ -193,20 +202,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
       if step % tc.log_every == 0 or step == tc.steps:
         metrics, nonfinite_total = jax.device_get((metrics, state.nonfinite_steps))
         now = time.perf_counter()
-        steps_per_sec = (step - last_log_step) / (now - last_log_time)
         flat = metric_logging.flatten_metrics(metrics)
-        flat.update({"steps_per_sec": steps_per_sec,
-                     "images_per_sec": steps_per_sec * tc.batch_size,
-                     "data/skipped_records": progress["skipped_records"],
+        flat.update({"data/skipped_records": progress["skipped_records"],
                      "nonfinite_steps": int(nonfinite_total)})
+        if step > last_log_step:  # not on the first step, whose time is compilation
+          steps_per_sec = (step - last_log_step) / (now - last_log_time)
+          flat.update(steps_per_sec=steps_per_sec,
+                      images_per_sec=steps_per_sec * tc.batch_size)
         writer.write_scalars(step, flat)
         consecutive_bad = _check_nonfinite(
             int(nonfinite_total) - nonfinite_seen, step - last_log_step, consecutive_bad,
             tc.max_nonfinite_steps, step, checkpointer.latest_step())
         nonfinite_seen = int(nonfinite_total)
         last_log_step, last_log_time = step, now
-        print(f"step {step}/{tc.steps} loss {flat['loss']:.4f} "
-              f"{steps_per_sec * tc.batch_size:.1f} img/s", flush=True)
+        speed = f" {flat['images_per_sec']:.1f} img/s" if "images_per_sec" in flat else ""
+        print(f"step {step}/{tc.steps} loss {flat['loss']:.4f}{speed}", flush=True)
 
       if step % tc.image_every == 0 or step == tc.steps:
         _, recons = evaluate(state, step)
@@ -254,30 +264,4 @@ def _write_grid(writer, workdir, step, originals, recons, n):
   grid = metric_logging.reconstruction_grid(originals[:n], recons[:n])
   writer.write_images(step, {"reconstructions": grid[None]})
   if jax.process_index() == 0:
-    image_io.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"),
-                            grid)
-
-
-def restore_ema_params(config: ml_collections.ConfigDict, workdir: str):
-  """(task, EMA params) of the latest checkpoint in `workdir`, for encode/decode."""
-  setup = Setup(config)
-  checkpointer = setup.checkpointer(workdir)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints to encode or decode with")
-  with setup.activate():
-    state, _ = checkpointer.restore(step, setup.abstract_state)
-  checkpointer.close()
-  logging.info("using the EMA parameters of step %d", step)
-  return setup.task, state.ema_params
-
-
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config stored with the latest checkpoint of `workdir`."""
-  checkpointer = checkpointing.Checkpointer(workdir, keep=1, save_every=1)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; pass --config")
-  config = checkpointer.restore_config(step)
-  checkpointer.close()
-  return config
+    image_io.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid)

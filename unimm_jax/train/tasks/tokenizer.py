@@ -9,10 +9,20 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from unimm_jax.evals import lpips as lpips_weights
+from unimm_jax.losses import gan
 from unimm_jax.losses import reconstruction
+from unimm_jax.models import lpips
 from unimm_jax.models import registry
 from unimm_jax.train import optimizers
+from unimm_jax.train.tasks import adversarial
 from unimm_jax.train.train_state import TrainState, keep_if_finite
+
+# Weighted into the reconstruction-side loss by `config.loss.<name>`; the GAN term
+# (`config.loss.gan`) is added separately, optionally with the adaptive weight.
+_WEIGHTED_TERMS = ("l1", "l2", "entropy", "commitment", "perceptual")
+
+_ONE, _ZERO = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
 
 # Fixed key for the decoder's noise at evaluation, so eval numbers and encode/decode
 # outputs are reproducible across runs and hosts.
@@ -26,17 +36,27 @@ class TokenizerTask:
     self.config = config
     self.model = registry.build_tokenizer(config.model)
     self.tx, self.lr_schedule = optimizers.make_optimizer(config.optim, config.train.steps)
+    self.adversary = adversarial.Adversary(config.disc) if config.loss.gan else None
+    self.lpips = lpips.LPIPS()
 
   def init(self, rng: jax.Array) -> TrainState:
     """A fresh state; params stay boxed (`nn.Partitioned`) so shardings can be derived."""
     size = self.config.data.image_size
     images = jnp.zeros((1, size, size, 3), jnp.float32)
-    params_rng, noise_rng = jax.random.split(rng)
+    params_rng, noise_rng, disc_rng = jax.random.split(rng, 3)
     variables = self.model.init({"params": params_rng, "noise": noise_rng}, images,
                                 train=False)
-    return TrainState.create(variables["params"], self.tx)
+    extra = self.adversary.init(disc_rng, images.shape) if self.adversary else None
+    return TrainState.create(variables["params"], self.tx, extra=extra)
 
-  def loss_terms(self, out, images: jax.Array) -> dict[str, jax.Array]:
+  def load_frozen(self) -> dict:
+    """Frozen networks the loss needs (LPIPS), as host arrays; passed to every step."""
+    if not self.config.loss.perceptual:
+      return {}
+    lp = self.config.lpips
+    return {"lpips": lpips_weights.resolve_params(lp.path, allow_random=lp.allow_random)}
+
+  def loss_terms(self, out, images: jax.Array, frozen: dict) -> dict[str, jax.Array]:
     """Unweighted loss terms of one forward pass, each a float32 scalar."""
     aux = out.aux
     terms = {
@@ -48,25 +68,59 @@ class TokenizerTask:
     }
     terms["entropy"] = (aux["token_entropy"]
                         - self.config.loss.codebook_entropy_ratio * aux["codebook_entropy"])
+    if "lpips" in frozen:
+      terms["perceptual"] = jnp.mean(
+          self.lpips.apply({"params": frozen["lpips"]}, out.recon, images))
     return terms
 
-  def _loss_fn(self, params, images, rng):
+  def _losses(self, params, state: TrainState, frozen: dict, images, rng):
+    """(reconstruction-side loss, GAN generator term), (terms, statistics, recon)."""
     out = self.model.apply({"params": params}, images, train=True, rngs={"noise": rng})
-    terms = self.loss_terms(out, images)
+    terms = self.loss_terms(out, images, frozen)
     weights = self.config.loss
-    loss = sum(weights[name] * terms[name]
-               for name in ("l1", "l2", "entropy", "commitment") if weights[name])
+    nll = sum(weights[name] * terms[name] for name in _WEIGHTED_TERMS
+              if weights[name] and name in terms)
+    g_loss, disc_stats = (self.adversary.generator_loss(state.extra, out.recon)
+                          if self.adversary else (jnp.zeros(()), None))
     stats = {k: v for k, v in out.aux.items() if k in ("code_usage", "code_perplexity")}
-    return loss, {**terms, **stats}
+    return (nll, g_loss), (terms, stats, out.recon, disc_stats)
 
-  def train_step(self, state: TrainState, batch: dict, rng: jax.Array):
-    """One update. Returns (state, metrics); metrics are scalars or (g,) vectors."""
+  def train_step(self, state: TrainState, frozen: dict, batch: dict, rng: jax.Array):
+    """One generator (and discriminator) update. Returns (state, metrics).
+
+    With a discriminator, the reconstruction-side loss and the GAN term are
+    differentiated separately (two VJPs of one forward pass) when the adaptive weight
+    needs both gradients at the decoder's last layer; otherwise in one.
+    """
     rng = jax.random.fold_in(rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(self._loss_fn, has_aux=True)(
-        state.params, batch["image"], rng)
+    images = batch["image"]
+    (nll, g_loss), vjp, (terms, metrics, recon, disc_stats) = jax.vjp(
+        lambda p: self._losses(p, state, frozen, images, rng), state.params, has_aux=True)
+    metrics.update(terms)
+    extra = state.extra
+    if self.adversary:
+      dc = self.config.disc
+      factor = gan.disc_factor_at(state.step, dc.start)
+      weight = self.config.loss.gan * factor
+      if dc.adaptive:
+        (grads_nll,), (grads_g,) = vjp((_ONE, _ZERO)), vjp((_ZERO, _ONE))
+        adaptive = gan.adaptive_generator_weight(
+            _at_path(grads_nll, dc.adaptive_layer), _at_path(grads_g, dc.adaptive_layer),
+            dc.adaptive_max)
+        grads = jax.tree.map(lambda a, b: a + weight * adaptive * b, grads_nll, grads_g)
+        metrics["gan_adaptive_weight"] = adaptive
+      else:
+        (grads,) = vjp((_ONE, weight))
+      extra, disc_metrics = self.adversary.update(
+          state.extra.replace(batch_stats=disc_stats), images, recon, factor)
+      metrics.update(disc_metrics, gan=g_loss)
+      loss = nll + weight * g_loss
+    else:
+      (grads,) = vjp((_ONE, _ZERO))
+      loss = nll
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads, self.config.ema_decay)
+    new_state = state.apply_gradients(grads, self.config.ema_decay).replace(extra=extra)
     new_state = keep_if_finite(new_state, state, ok)
     metrics.update(loss=loss, grad_norm=grad_norm, lr=self.lr_schedule(state.step),
                    nonfinite=(~ok).astype(jnp.int32))
@@ -96,3 +150,12 @@ class TokenizerTask:
                              rngs={"noise": jax.random.key(EVAL_NOISE_SEED)})
     return jnp.clip(recon, -1.0, 1.0)
 
+
+
+def _at_path(tree, path: str):
+  """tree['a']['b'] for path 'a/b' (e.g. the decoder's last layer kernel)."""
+  for key in path.split("/"):
+    if key not in tree:
+      raise ValueError(f"config.disc.adaptive_layer={path!r}: no {key!r} among {sorted(tree)}")
+    tree = tree[key]
+  return tree
