@@ -1,12 +1,14 @@
-"""One task for every image tokenizer: pixel losses plus the model's weighted aux losses.
+"""One task for every image tokenizer: pixel, perceptual and GAN losses plus the model's aux.
 
-A tokenizer returns `TokenizerOutput(recon, codes, latents, aux)`; scalar aux entries whose
-names appear in `config.loss` are loss terms, everything else in aux is a statistic that is
-logged but not optimised.
+A tokenizer returns `TokenizerOutput(recon, codes, latents, aux)`. The loss is
+sum_k config.loss.<k> * term_k over `_WEIGHTED_TERMS` (reconstruction, the quantizer's
+entropy and commitment from aux, LPIPS) plus config.loss.gan times the generator's GAN term;
+the remaining aux entries (code usage, perplexity) are logged, not optimised.
 """
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from unimm_jax.evals import lpips as lpips_weights
@@ -22,7 +24,9 @@ from unimm_jax.train.train_state import TrainState, keep_if_finite
 # (`config.loss.gan`) is added separately, optionally with the adaptive weight.
 _WEIGHTED_TERMS = ("l1", "l2", "entropy", "commitment", "perceptual")
 
-_ONE, _ZERO = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+# Cotangents for the two-output VJP (numpy, so importing this module touches no device
+# before jax.distributed.initialize()).
+_ONE, _ZERO = np.float32(1.0), np.float32(0.0)
 
 # Fixed key for the decoder's noise at evaluation, so eval numbers and encode/decode
 # outputs are reproducible across runs and hosts.
