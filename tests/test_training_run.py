@@ -159,7 +159,8 @@ def test_corrupt_files_in_a_folder_are_skipped_and_logged(tmp_path):
 
 def test_eval_mode_writes_metrics(full_run, inception_weights_file):
   workdir, _ = full_run
-  proc = run_main(workdir, "--config.lpips.allow_random=True",
+  relative = os.path.relpath(workdir, REPO)  # Orbax needs absolute paths; main must cope
+  proc = run_main(relative, "--config.lpips.allow_random=True",
                   f"--config.eval.inception_path={inception_weights_file}", mode="eval")
   with open(os.path.join(workdir, "eval_4.json")) as f:
     results = json.load(f)

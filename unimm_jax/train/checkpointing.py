@@ -8,6 +8,7 @@ mid-write is never listed and never restored.
 """
 import json
 import logging
+import os
 from typing import Any
 
 import grain
@@ -21,8 +22,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int, save_every: int):
     self.save_every = save_every
+    # Orbax needs absolute paths; URLs (gs://...) are left as they are.
+    root = workdir if "://" in str(workdir) else os.path.abspath(workdir)
     self.manager = ocp.CheckpointManager(
-        f"{workdir}/checkpoints",
+        f"{root}/checkpoints",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True,
             enable_async_checkpointing=True))
