@@ -29,10 +29,10 @@ import ml_collections
 
 from unimm_jax.nn import initializers
 from unimm_jax.nn.conv_blocks import constrain_feature_map, conv
+from unimm_jax.nn.dtypes import compute_dtype
 
 Dtype = Any
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _LEAKY_SLOPE = 0.2
 
 
@@ -229,9 +229,7 @@ def build_discriminator(disc_config: ml_collections.ConfigDict) -> nn.Module:
   present (default float32; parameters, statistics and logits stay float32).
   """
   dtype_name = disc_config.get('dtype', 'float32')
-  if dtype_name not in _DTYPES:
-    raise ValueError(f'config.disc.dtype={dtype_name!r} is not one of {sorted(_DTYPES)}')
-  dtype = _DTYPES[dtype_name]
+  dtype = compute_dtype(dtype_name, 'config.disc.dtype')
   if disc_config.name == 'patchgan':
     return PatchGAN(n_layers=disc_config.n_layers, ndf=disc_config.ndf, dtype=dtype)
   if disc_config.name == 'stylegan':

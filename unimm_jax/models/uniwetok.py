@@ -38,15 +38,13 @@ import ml_collections
 from unimm_jax.models.tokenizer_output import TokenizerOutput
 from unimm_jax.nn.conv_blocks import (Downsample, ResBlock, Upsampler, constrain_feature_map, conv,
                                       swish)
+from unimm_jax.nn.dtypes import compute_dtype
 from unimm_jax.nn.norms import AdaptiveGroupNorm, GroupNorm
 from unimm_jax.nn.rope import GridPositions
 from unimm_jax.nn.transformer import GridTransformer
 from unimm_jax.quantizers.binary_quantizer import BinaryQuantizer
 
 Dtype = Any
-
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
 
 def downsample_factor(config: ml_collections.ConfigDict) -> int:
   """Pixels per latent cell along each side: 2^(len(ch_mult) - 1)."""
@@ -158,9 +156,7 @@ class UniWeTok(nn.Module):
 
   def setup(self):
     cfg = self.config
-    if cfg.dtype not in _DTYPES:
-      raise ValueError(f'config.dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}')
-    dtype = _DTYPES[cfg.dtype]
+    dtype = compute_dtype(cfg.dtype, 'config.model.dtype')
     shared = dict(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                   num_attn_blocks=cfg.num_attn_blocks, num_heads=cfg.num_heads,
                   num_registers=cfg.num_registers, dtype=dtype, remat=cfg.remat)
