@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm_jax.nn.attention import SelfAttention
+from unimm_jax.nn.attention import MultiHeadAttention
 from unimm_jax.nn.conv_blocks import Downsample, ResBlock, Upsampler, depth_to_space
 from unimm_jax.nn.mlp import SwiGLU, swiglu_hidden_dim
 from unimm_jax.nn.norms import AdaptiveGroupNorm, GroupNorm, RMSNorm, num_groups_for
@@ -176,7 +176,7 @@ def test_attention_matches_numpy_with_rope():
   b, s, heads, head_dim = 2, 5, 2, 8
   x = _randn(b, s, heads * head_dim)
   angles = jnp.asarray(rope_2d_angles(grid_positions(1, s - 1, GridPositions.DECODER), head_dim, 1))
-  params, got = _init_apply(SelfAttention(heads), jnp.asarray(x), angles)
+  params, got = _init_apply(MultiHeadAttention(heads), jnp.asarray(x), None, angles)
   q, k, v = (np.einsum('bsd,dhk->bshk', x, params[n]) for n in ('query', 'key', 'value'))
   q, k = (np.asarray(apply_rope(jnp.asarray(t), angles)) for t in (q, k))
   logits = np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(head_dim)
@@ -290,3 +290,23 @@ def test_upsampler_shapes():
   params, got = _init_apply(Upsampler(), jnp.asarray(_randn(1, 3, 5, 8)))
   assert got.shape == (1, 6, 10, 8)
   assert params['conv1']['kernel'].shape == (3, 3, 8, 32)
+
+
+def test_cross_attention_with_bias_and_key_mask_matches_numpy():
+  b, t, s, heads, head_dim = 2, 3, 5, 2, 4
+  x, kv = _randn(b, t, heads * head_dim), _randn(b, s, heads * head_dim)
+  key_mask = np.array([[True] * 5, [True, True, True, False, False]])
+  module = MultiHeadAttention(heads, use_bias=True)
+  variables = module.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(kv))
+  params = jax.tree.map(lambda p: p + 0.1 * _randn(*p.shape), nn.unbox(variables)['params'])
+  got = module.apply({'params': params}, jnp.asarray(x), jnp.asarray(kv), None,
+                     jnp.asarray(key_mask))
+  q = np.einsum('btd,dhk->bthk', x, params['query']) + params['query_bias']
+  k = np.einsum('bsd,dhk->bshk', kv, params['key']) + params['key_bias']
+  v = np.einsum('bsd,dhk->bshk', kv, params['value']) + params['value_bias']
+  logits = np.einsum('bthk,bshk->bhts', q, k) / np.sqrt(head_dim)
+  logits = np.where(key_mask[:, None, None, :], logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum('bhts,bshk,hkd->btd', p, v, params['out']) + params['out_bias']
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm_jax.nn import initializers
-from unimm_jax.nn.attention import SelfAttention
+from unimm_jax.nn.attention import MultiHeadAttention
 from unimm_jax.nn.mlp import SwiGLU, swiglu_hidden_dim
 from unimm_jax.nn.norms import RMSNorm
 from unimm_jax.nn.rope import GridPositions, grid_positions, rope_2d_angles
@@ -27,8 +27,8 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, angles: jax.Array | None = None) -> jax.Array:
     dim = x.shape[-1]
-    h = x + SelfAttention(self.num_heads, dtype=self.dtype, name='attention')(
-        RMSNorm(dtype=self.dtype, name='attention_norm')(x), angles)
+    h = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name='attention')(
+        RMSNorm(dtype=self.dtype, name='attention_norm')(x), angles=angles)
     out = h + SwiGLU(swiglu_hidden_dim(dim), dtype=self.dtype, name='feed_forward')(
         RMSNorm(dtype=self.dtype, name='ffn_norm')(h))
     return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
