@@ -26,6 +26,7 @@ setuptools.setup(
         "tensorboard",
         "pillow",
         "safetensors",
+        "ml_dtypes",  # bfloat16 tensors of HF checkpoints
         "scikit-image>=0.24",
         "matplotlib",  # notebooks
     ],
@@ -33,6 +34,7 @@ setuptools.setup(
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
         # Parity tests against PyTorch references. Pinned: 2.13.0 is the CPU build on
         # this project's machines; an unpinned torch pulls a multi-GB CUDA build.
-        "torch": ["torch==2.13.0"],
+        # transformers writes the tiny HF checkpoints the import tests load and compare against.
+        "torch": ["torch==2.13.0", "transformers>=5.0"],
     },
 )

@@ -58,6 +58,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   ))
   # WeTok's discriminator: PatchGAN 3 layers, ndf 64, BatchNorm; hinge + 0.05 LeCAM (EMA
   # 0.999); non-saturating generator loss, fixed weight (no adaptive rule), from step 0.
+  # Distillation teacher (SPECS 1: SigLIP2 So400m/16 at 384): a downloaded checkpoint
+  # directory, e.g. --config.teacher.path=/ckpt/siglip2-so400m-patch16-384 (README).
+  config.teacher = config_defaults.teacher_config()
+  config.teacher.dtype = "bfloat16"
   config.disc = ml_collections.ConfigDict(dict(
       name="patchgan", n_layers=3, ndf=64,
       stylegan_channel_base=16384, stylegan_channel_max=512,

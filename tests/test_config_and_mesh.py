@@ -94,3 +94,19 @@ def test_tree_shardings_reads_partitioned_names():
   out = sharding.tree_shardings(tree, mesh, config_defaults.DEFAULT_SHARDING_RULES)
   assert set(out) == {"w", "b"}
   assert out["b"].spec == P(None)
+
+
+def test_teacher_config_values_are_checked():
+  config = config_defaults.load_config("configs/uniwetok.py:tiny")
+  assert config.teacher.path == "" and config.teacher.feature == "pooled"
+  config.teacher.feature = "hidden:-2"
+  config_defaults.validate(config)
+  config.teacher.feature = "penultimate"
+  with pytest.raises(ValueError, match="config.teacher.feature"):
+    config_defaults.validate(config)
+  config.teacher.feature, config.teacher.dtype = "last", "float16"
+  with pytest.raises(ValueError, match="config.teacher.dtype"):
+    config_defaults.validate(config)
+  config.teacher.dtype, config.teacher.path = "bfloat16", "/ckpt/siglip2"
+  with pytest.raises(ValueError, match="no loss of this config uses a teacher"):
+    config_defaults.validate(config)

@@ -7,6 +7,7 @@ offending key, so a bad run fails in a second instead of after compilation.
 """
 import importlib.util
 import os
+import re
 from typing import Any
 
 import ml_collections
@@ -27,6 +28,7 @@ DEFAULT_SHARDING_RULES = (
     ("conv_in", None),
     ("vocab", "tensor"),
     ("codebook", None),
+    ("layers", None),  # the stacked axis of scanned layers
 )
 
 
@@ -64,10 +66,23 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def teacher_config() -> ml_collections.ConfigDict:
+  """A frozen ViT teacher (`unimm_jax.models.teacher.load_teacher`); empty path = none."""
+  return ml_collections.ConfigDict(dict(
+      path="",  # checkpoint directory: config.json + model.safetensors (+ preprocessor_config)
+      feature="pooled",  # 'pooled', 'last' or 'hidden:K' (hidden_states[K], K may be < 0)
+      drop_class_token=False,  # token features without the class token (DINOv2, CLIP)
+      dtype="float32",  # params and compute; 'bfloat16' halves memory and time
+      image_size=0,  # input side for fixed-grid families; 0 = the checkpoint's image_size
+      max_num_patches=0,  # SigLIP2 patch budget; 0 = preprocessor_config.json's (or 256)
+  ))
+
+
 _ENUMS = {
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
+    "teacher.dtype": ("float32", "bfloat16"),
     "task": ("tokenizer",),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.image_every",
@@ -107,6 +122,15 @@ def _has(config: ml_collections.ConfigDict, dotted: str) -> bool:
     return False
 
 
+def _uses_teacher(config: ml_collections.ConfigDict) -> bool:
+  """Whether a loss term of `config` reads `config.teacher` (none does yet)."""
+  return any(_has(config, f"loss.{term}") and config.loss[term]
+             for term in _TEACHER_LOSSES)
+
+
+_TEACHER_LOSSES = ()  # names under config.loss of the terms that distil from config.teacher
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad key of `config`."""
   for key, allowed in _ENUMS.items():
@@ -139,6 +163,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.loss.perceptual={config.loss.perceptual} needs LPIPS weights: set "
         "config.lpips.path to a safetensors file (README: LPIPS weights), or "
         "config.loss.perceptual=0, or config.lpips.allow_random=True for a smoke test")
+  if _has(config, "teacher.feature") and not re.fullmatch(r"pooled|last|hidden:-?\d+",
+                                                          config.teacher.feature):
+    raise ValueError(f"config.teacher.feature={config.teacher.feature!r} is not 'pooled', "
+                     "'last' or 'hidden:K'")
+  if _has(config, "teacher.path") and config.teacher.path and not _uses_teacher(config):
+    raise ValueError(f"config.teacher.path={config.teacher.path!r} is set, but no loss of "
+                     "this config uses a teacher; clear it (a silently unused teacher "
+                     "would look like distillation)")
   if _has(config, "model.ch_mult"):
     factor = 2 ** (len(config.model.ch_mult) - 1)
     if config.data.image_size % factor:

@@ -1,0 +1,196 @@
+"""Lazy reading of a transformers checkpoint directory and placement of its weights on a mesh.
+
+A directory saved by `save_pretrained` holds `config.json` and either `model.safetensors` or
+shards listed by `model.safetensors.index.json`. Tensors are memory-mapped, never read whole:
+a converter describes each of our parameters as a `LazyArray` (a transposed / reshaped view
+of one tensor, or a stack of per-layer views), and `place` builds every jax.Array from the
+slices its addressable devices hold. A host therefore reads only the bytes of its own
+shards, and at most one parameter's slice is held in host memory at a time.
+
+The safetensors header is parsed here (8-byte little-endian length, then JSON) rather than
+through `safetensors.numpy`, which cannot return bfloat16 tensors; ml_dtypes supplies the
+numpy bfloat16 that bf16 checkpoints (Qwen, Llama) need.
+"""
+import dataclasses
+import json
+import os
+import struct
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import flax.linen as nn
+from jax.sharding import Mesh
+
+from unimm_jax.parallel import sharding as sharding_lib
+
+_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+    'BOOL': np.bool_,
+}
+
+
+def _memmap_file(path: str) -> dict[str, np.ndarray]:
+  """Name -> read-only memmap of every tensor in one safetensors file."""
+  with open(path, 'rb') as f:
+    (header_len,) = struct.unpack('<Q', f.read(8))
+    header = json.loads(f.read(header_len))
+  tensors = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    if info['dtype'] not in _DTYPES:
+      raise ValueError(f'{path}: tensor {name!r} has unsupported dtype {info["dtype"]}')
+    start, end = info['data_offsets']
+    shape = tuple(info['shape'])
+    if start == end:
+      tensors[name] = np.zeros(shape, _DTYPES[info['dtype']])
+      continue
+    tensors[name] = np.memmap(path, dtype=_DTYPES[info['dtype']], mode='r',
+                              offset=8 + header_len + start, shape=shape)
+  return tensors
+
+
+class HFCheckpoint:
+  """A `save_pretrained` directory: `config` (config.json) and lazily mapped `tensors`."""
+
+  def __init__(self, path: str):
+    self.path = os.path.abspath(path)
+    config_path = os.path.join(self.path, 'config.json')
+    if not os.path.isfile(config_path):
+      raise FileNotFoundError(f'{self.path}: no config.json (expected a directory written by '
+                              'transformers save_pretrained or downloaded from the Hub)')
+    with open(config_path) as f:
+      self.config: dict[str, Any] = json.load(f)
+    single = os.path.join(self.path, 'model.safetensors')
+    index = os.path.join(self.path, 'model.safetensors.index.json')
+    if os.path.isfile(single):
+      files = [single]
+    elif os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f)['weight_map']
+      files = sorted({os.path.join(self.path, name) for name in weight_map.values()})
+    else:
+      raise FileNotFoundError(f'{self.path}: neither model.safetensors nor '
+                              'model.safetensors.index.json (pickled .bin weights are not read)')
+    self.tensors: dict[str, np.ndarray] = {}
+    for file in files:
+      self.tensors.update(_memmap_file(file))
+
+  def get(self, key: str) -> np.ndarray:
+    if key not in self.tensors:
+      raise KeyError(f'{self.path}: missing tensor {key!r}')
+    return self.tensors[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyArray:
+  """One of our parameters as a view of checkpoint tensors, read slice by slice.
+
+  `view()` returns a numpy view (memmap-backed: transposes and reshapes of contiguous data
+  copy nothing); `layers`, when set, is a list of such views stacked on a new leading axis
+  (scan over layers), read only for the layers a slice asks for. `source` names the
+  checkpoint tensor(s) for error messages.
+  """
+  shape: tuple[int, ...]
+  source: str
+  view: Callable[[], np.ndarray] | None = None
+  layers: tuple[Callable[[], np.ndarray], ...] | None = None
+
+  def __getitem__(self, index) -> np.ndarray:
+    index = index if isinstance(index, tuple) else (index,)
+    if self.layers is None:
+      return np.asarray(self.view()[index])
+    first, rest = (index[0] if index else slice(None)), index[1:]
+    chosen = range(len(self.layers))[first]
+    return np.stack([np.asarray(self.layers[i]()[rest]) for i in chosen])
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+  """What a family converter returns.
+
+  model: the Flax module; `model.apply({'params': params}, *example_inputs)` runs it.
+  sources: nested dict of LazyArray with the structure of the model's params.
+  example_inputs: small arrays (or ShapeDtypeStructs) that `model.init` accepts, used only
+    through jax.eval_shape to get the parameter shapes and logical names.
+  """
+  model: nn.Module
+  sources: dict
+  example_inputs: tuple
+
+
+def tensor(checkpoint: HFCheckpoint, key: str,
+           transform: Callable[[np.ndarray], np.ndarray] = lambda w: w) -> LazyArray:
+  """`transform(tensor)` as a LazyArray; the transform must be a view-making numpy op."""
+  shape = np.shape(transform(checkpoint.get(key)))
+  return LazyArray(shape=tuple(shape), source=key, view=lambda: transform(checkpoint.get(key)))
+
+
+def stack(per_layer: Sequence[LazyArray]) -> LazyArray:
+  """Stacks per-layer LazyArrays of equal shape on a new leading (layers) axis."""
+  shapes = {a.shape for a in per_layer}
+  if len(shapes) != 1:
+    raise ValueError('layers differ in shape: ' +
+                     ', '.join(f'{a.source} {a.shape}' for a in per_layer))
+  return LazyArray(shape=(len(per_layer),) + per_layer[0].shape,
+                   source=f'{per_layer[0].source} (x{len(per_layer)} layers)',
+                   layers=tuple(a.view for a in per_layer))
+
+
+def stack_layer_trees(trees: Sequence[Mapping]) -> dict:
+  """Per-layer nested dicts of LazyArrays -> one dict of stacked LazyArrays."""
+  return jax.tree.map(lambda *leaves: stack(leaves), *trees,
+                      is_leaf=lambda x: isinstance(x, LazyArray))
+
+
+def check_shapes(sources: Mapping, abstract_params: Mapping, where: str) -> None:
+  """Raises ValueError naming the checkpoint tensor whose shape differs from the model's.
+
+  `sources` and `abstract_params` are nested dicts (unboxed) with the same structure.
+  """
+  flat_src = flax.traverse_util.flatten_dict(sources, sep='/')
+  flat_abs = flax.traverse_util.flatten_dict(abstract_params, sep='/')
+  missing = sorted(set(flat_abs) - set(flat_src))
+  if missing:
+    raise ValueError(f'{where}: the converter has no source for parameter(s) {missing}')
+  extra = sorted(set(flat_src) - set(flat_abs))
+  if extra:
+    raise ValueError(f'{where}: converted parameter(s) {extra} do not exist in the model')
+  for name, src in flat_src.items():
+    if tuple(src.shape) != tuple(flat_abs[name].shape):
+      raise ValueError(f'{where}: tensor {src.source} gives shape {tuple(src.shape)} for '
+                       f'parameter {name}, but the model (from config.json) expects '
+                       f'{tuple(flat_abs[name].shape)}')
+
+
+def place(sources: Mapping, abstract_params: Any, *, dtype: Any = jnp.float32,
+          mesh: Mesh | None = None, rules: Sequence | None = None) -> Any:
+  """Builds the parameter tree from LazyArrays.
+
+  Args:
+    sources: nested dict of LazyArray, the structure of the model's params.
+    abstract_params: `jax.eval_shape(model.init, ...)['params']`, boxed with logical names
+      (nn.Partitioned) when the model annotates them; used for shapes and shardings.
+    dtype: parameter dtype after conversion (checkpoints store bf16 or f32).
+    mesh, rules: when given, each leaf is a jax.Array sharded by the logical rules, built
+      per addressable device from its slice only; otherwise leaves live on the default device.
+  Returns:
+    the params tree (unboxed), leaves jax.Array of `dtype`.
+  """
+  unboxed = flax.core.unfreeze(flax.linen.unbox(abstract_params))
+  check_shapes(sources, unboxed, 'checkpoint')
+  if mesh is None:
+    return jax.tree.map(lambda s: jnp.asarray(s[()], dtype), sources,
+                        is_leaf=lambda x: isinstance(x, LazyArray))
+  shardings = sharding_lib.tree_shardings(abstract_params, mesh, rules or ())
+
+  def build(src: LazyArray, sharding):
+    return jax.make_array_from_callback(src.shape, sharding,
+                                        lambda index: src[index].astype(dtype))
+
+  return jax.tree.map(build, sources, shardings, is_leaf=lambda x: isinstance(x, LazyArray))

@@ -1,0 +1,62 @@
+"""`load_pretrained(path)`: one entry for every HF checkpoint family this library imports.
+
+A family converter is a function `convert(checkpoint, **overrides) -> Converted`: it reads
+`checkpoint.config`, builds our Flax module, and describes each of our parameters as a
+LazyArray over the checkpoint's tensors. This module checks the shapes, then places the
+weights (optionally sharded over a mesh, built per device from its slice only).
+"""
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from unimm_jax.convert import hf_checkpoint
+from unimm_jax.convert import hf_vit
+from unimm_jax.convert.hf_checkpoint import Converted
+
+
+Converter = Callable[..., Converted]
+
+
+def _converters() -> dict[str, Converter]:
+  return {model_type: hf_vit.convert for model_type in hf_vit.MODEL_TYPES}
+
+
+def supported_model_types() -> list[str]:
+  return sorted(_converters())
+
+
+def load_pretrained(path: str, *, param_dtype: Any = jnp.float32, mesh: Mesh | None = None,
+                    rules: Sequence | None = None, **overrides) -> tuple[nn.Module, dict]:
+  """Imports a transformers checkpoint directory (config.json + safetensors).
+
+  Args:
+    path: directory written by `save_pretrained` or downloaded from the Hub, holding
+      `model.safetensors` or `model.safetensors.index.json` with its shards.
+    param_dtype: parameter dtype (bf16 halves a frozen teacher's memory).
+    mesh, rules: place the parameters sharded by these logical-axis rules; each host reads
+      only its devices' slices. Without a mesh the parameters land on the default device.
+    **overrides: fields of the family's model config to change (e.g. `scan_layers=True`,
+      `dtype=jnp.bfloat16` for compute).
+  Returns:
+    (model, variables): `model.apply(variables, inputs...)` with variables = {'params': ...}.
+  Raises:
+    ValueError for an unknown `model_type`, a missing or unexpected tensor, or a shape that
+    differs from what config.json implies, naming the tensor.
+  """
+  checkpoint = hf_checkpoint.HFCheckpoint(path)
+  model_type = checkpoint.config.get('model_type')
+  converters = _converters()
+  if model_type not in converters:
+    raise ValueError(f'{path}: config.json has model_type={model_type!r} '
+                     f'(architectures {checkpoint.config.get("architectures")}); supported: '
+                     f'{supported_model_types()}')
+  converted = converters[model_type](checkpoint, **overrides)
+  abstract = jax.eval_shape(lambda: converted.model.init(jax.random.key(0),
+                                                         *converted.example_inputs))
+  params = hf_checkpoint.place(converted.sources, abstract['params'], dtype=param_dtype,
+                               mesh=mesh,
+                               rules=rules)
+  return converted.model, {'params': params}
