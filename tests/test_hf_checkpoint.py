@@ -37,7 +37,7 @@ def test_sharded_index_and_views(tmp_path):
   np.testing.assert_array_equal(stacked[()], want)
   index = (slice(1, 2), slice(2, 4), slice(None), slice(0, 2))
   np.testing.assert_array_equal(stacked[index], want[index])
-  with pytest.raises(KeyError, match="'l2.w'"):
+  with pytest.raises(ValueError, match="missing tensor 'l2.w'"):
     hf_checkpoint.tensor(ckpt, 'l2.w')
 
 

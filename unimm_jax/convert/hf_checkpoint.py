@@ -83,7 +83,7 @@ class HFCheckpoint:
 
   def get(self, key: str) -> np.ndarray:
     if key not in self.tensors:
-      raise KeyError(f'{self.path}: missing tensor {key!r}')
+      raise ValueError(f'{self.path}: missing tensor {key!r}')
     return self.tensors[key]
 
 
@@ -129,6 +129,37 @@ def tensor(checkpoint: HFCheckpoint, key: str,
   """`transform(tensor)` as a LazyArray; the transform must be a view-making numpy op."""
   shape = np.shape(transform(checkpoint.get(key)))
   return LazyArray(shape=tuple(shape), source=key, view=lambda: transform(checkpoint.get(key)))
+
+
+class Reader:
+  """Reads a checkpoint's tensors (under `prefix`) as LazyArrays, remembering which were used,
+  so that a converter can reject the tensors it did not use."""
+
+  def __init__(self, checkpoint: HFCheckpoint, prefix: str = ''):
+    self.checkpoint, self.prefix, self.used = checkpoint, prefix, set()
+
+  def __call__(self, key: str, transform: Callable[[np.ndarray], np.ndarray] = lambda w: w
+               ) -> LazyArray:
+    key = self.prefix + key
+    self.used.add(key)
+    try:
+      return tensor(self.checkpoint, key, transform)
+    except ValueError as e:  # a reshape that the tensor's shape does not allow
+      if key not in self.checkpoint.tensors:
+        raise
+      raise ValueError(f'{self.checkpoint.path}: tensor {key!r} of shape '
+                       f'{tuple(self.checkpoint.get(key).shape)} does not fit the model from '
+                       f'config.json ({e})') from None
+
+  def has(self, key: str) -> bool:
+    return self.prefix + key in self.checkpoint.tensors
+
+  def check_all_used(self, skipped: Callable[[str], bool], model_name: str) -> None:
+    """Raises ValueError naming checkpoint tensors neither read nor `skipped`."""
+    unused = sorted(k for k in self.checkpoint.tensors if k not in self.used and not skipped(k))
+    if unused:
+      raise ValueError(f'{self.checkpoint.path}: tensor(s) not used by the {model_name} model: '
+                       f'{unused[:10]}{" ..." if len(unused) > 10 else ""}')
 
 
 def stack(per_layer: Sequence[LazyArray]) -> LazyArray:

@@ -30,12 +30,12 @@ DINOv2's mask_token (masked-image-modelling pretraining only), legacy `position_
 Any other tensor is an error naming it.
 """
 import math
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from unimm_jax.convert import hf_checkpoint
-from unimm_jax.convert.hf_checkpoint import HFCheckpoint, LazyArray
+from unimm_jax.convert.hf_checkpoint import HFCheckpoint, LazyArray, Reader
 from unimm_jax.models.vit import ViTConfig, VisionTransformer
 
 MODEL_TYPES = ('siglip', 'siglip_vision_model', 'siglip2', 'siglip2_vision_model', 'clip',
@@ -93,26 +93,11 @@ def vit_config(hf_config: dict[str, Any], **overrides) -> ViTConfig:
   return ViTConfig(**{**fields, **overrides})
 
 
-class _Reader:
-  """Names checkpoint tensors under a prefix and remembers which ones were used."""
-
-  def __init__(self, checkpoint: HFCheckpoint, prefix: str):
-    self.checkpoint, self.prefix, self.used = checkpoint, prefix, set()
-
-  def __call__(self, key: str, transform: Callable[[np.ndarray], np.ndarray] = lambda w: w
-               ) -> LazyArray:
-    self.used.add(self.prefix + key)
-    return hf_checkpoint.tensor(self.checkpoint, self.prefix + key, transform)
-
-  def has(self, key: str) -> bool:
-    return self.prefix + key in self.checkpoint.tensors
-
-
-def _norm(read: _Reader, key: str) -> dict:
+def _norm(read: Reader, key: str) -> dict:
   return {'scale': read(f'{key}.weight'), 'bias': read(f'{key}.bias')}
 
 
-def _dense(read: _Reader, key: str) -> dict:
+def _dense(read: Reader, key: str) -> dict:
   return {'kernel': read(f'{key}.weight', lambda w: w.T), 'bias': read(f'{key}.bias')}
 
 
@@ -147,7 +132,7 @@ def _split_rows(src: LazyArray, parts: int) -> list[LazyArray]:
                     view=lambda i=i: src.view()[i * n:(i + 1) * n]) for i in range(parts)]
 
 
-def _clip_style_layer(c: ViTConfig, read: _Reader, i: int) -> dict:
+def _clip_style_layer(c: ViTConfig, read: Reader, i: int) -> dict:
   p = f'encoder.layers.{i}.'
   a = p + 'self_attn.'
   return {
@@ -160,7 +145,7 @@ def _clip_style_layer(c: ViTConfig, read: _Reader, i: int) -> dict:
   }
 
 
-def _dinov2_layer(c: ViTConfig, read: _Reader, i: int) -> dict:
+def _dinov2_layer(c: ViTConfig, read: Reader, i: int) -> dict:
   p = f'encoder.layer.{i}.'
   a = p + 'attention.attention.'
 
@@ -189,7 +174,7 @@ def _dinov2_layer(c: ViTConfig, read: _Reader, i: int) -> dict:
   return layer
 
 
-def _embeddings(c: ViTConfig, read: _Reader) -> dict:
+def _embeddings(c: ViTConfig, read: Reader) -> dict:
   p, ch, d = c.patch_size, c.num_channels, c.hidden_size
   if c.family == 'dinov2':
     return {
@@ -214,7 +199,7 @@ def _embeddings(c: ViTConfig, read: _Reader) -> dict:
   return params
 
 
-def _head(c: ViTConfig, read: _Reader) -> dict:
+def _head(c: ViTConfig, read: Reader) -> dict:
   q, k, v = _split_rows(read('head.attention.in_proj_weight'), 3)
   qb, kb, vb = _split_rows(read('head.attention.in_proj_bias'), 3)
   return {
@@ -236,7 +221,7 @@ def convert(checkpoint: HFCheckpoint, **overrides) -> hf_checkpoint.Converted:
   c = vit_config(checkpoint.config, **overrides)
   prefix = ('vision_model.' if any(k.startswith('vision_model.') for k in checkpoint.tensors)
             else '')
-  read = _Reader(checkpoint, prefix)
+  read = Reader(checkpoint, prefix)
   sources = _embeddings(c, read)
   layer_fn = _dinov2_layer if c.family == 'dinov2' else _clip_style_layer
   layers = [layer_fn(c, read, i) for i in range(c.num_layers)]
@@ -247,10 +232,7 @@ def convert(checkpoint: HFCheckpoint, **overrides) -> hf_checkpoint.Converted:
   sources['final_norm'] = _norm(read, 'layernorm' if c.family == 'dinov2' else 'post_layernorm')
   if c.family in ('siglip', 'siglip2') and c.use_head:
     sources['head'] = _head(c, read)
-  unused = sorted(k for k in checkpoint.tensors if k not in read.used and not _skipped(k))
-  if unused:
-    raise ValueError(f'{checkpoint.path}: tensor(s) not used by the {c.family} model: '
-                     f'{unused[:10]}{" ..." if len(unused) > 10 else ""}')
+  read.check_all_used(_skipped, c.family)
   return hf_checkpoint.Converted(model=VisionTransformer(c), sources=sources,
                    example_inputs=example_inputs(c))
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from unimm_jax.convert import hf_checkpoint
+from unimm_jax.convert import hf_llm
 from unimm_jax.convert import hf_vit
 from unimm_jax.convert.hf_checkpoint import Converted
 
@@ -21,7 +22,8 @@ Converter = Callable[..., Converted]
 
 
 def _converters() -> dict[str, Converter]:
-  return {model_type: hf_vit.convert for model_type in hf_vit.MODEL_TYPES}
+  return {**{model_type: hf_vit.convert for model_type in hf_vit.MODEL_TYPES},
+          **{model_type: hf_llm.convert for model_type in hf_llm.MODEL_TYPES}}
 
 
 def supported_model_types() -> list[str]:

@@ -28,14 +28,16 @@ def num_groups_for(channels: int, max_groups: int = 32) -> int:
 class RMSNorm(nn.Module):
   """Root-mean-square norm over the last axis with a learned per-channel scale.
 
-  Shapes: (..., d) -> (..., d).
+  Shapes: (..., d) -> (..., d). `scale_axis` is the logical name of d ('kv' when it
+  normalises each attention head, as Qwen3's q/k norm).
   """
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
+  scale_axis: str = 'embed'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param('scale', initializers.ones('embed'), (x.shape[-1],), jnp.float32)
+    scale = self.param('scale', initializers.ones(self.scale_axis), (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
     return (y * scale).astype(self.dtype)
