@@ -27,6 +27,8 @@ setuptools.setup(
         "pillow",
         "safetensors",
         "ml_dtypes",  # bfloat16 tensors of HF checkpoints
+        "tokenizers>=0.20",  # tokenizer.json of HF LLM checkpoints
+        "jinja2>=3.1.6",  # chat templates of HF tokenizers (rendered as transformers does)
         "scikit-image>=0.24",
         "matplotlib",  # notebooks
     ],

@@ -209,6 +209,16 @@ def test_folder_skips_and_counts_corrupt_files_and_keeps_going(photo_folder):
   np.testing.assert_array_equal(eval_images[0], held_out)
 
 
+def test_stride_subset_splits_every_record_into_train_or_held_out():
+  records = list(range(250))
+  for stride, held_out in ((sources.HOLDOUT_STRIDE, [0, 100, 200]), (50, [0, 50, 100, 150, 200])):
+    kwargs = {} if stride == sources.HOLDOUT_STRIDE else {'stride': stride}
+    train = sources.StrideSubset(records, held_out=False, **kwargs)
+    evaluation = sources.StrideSubset(records, held_out=True, **kwargs)
+    assert [evaluation[i] for i in range(len(evaluation))] == held_out
+    assert sorted([train[i] for i in range(len(train))] + held_out) == records
+
+
 def test_missing_or_empty_sources_fail_at_build_naming_the_path(tmp_path):
   build = lambda cfg: pipeline.build_train_iterator(cfg, global_batch_size=2, seed=0)
   missing = str(tmp_path / 'no_such_dir')

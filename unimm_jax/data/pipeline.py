@@ -106,6 +106,51 @@ class _SkipCountingIterDataset(grain.IterDataset):
     return f'_SkipCountingIterDataset(max_consecutive={self._max_consecutive})'
 
 
+def shuffled_shard(source, *, seed: int, shard_index: int, shard_count: int,
+                   unit: str) -> grain.MapDataset:
+  """Records `shard_index::shard_count` of `source`, shuffled with `seed`, repeated forever.
+
+  Grain reshuffles every epoch. `unit` names the records in the error for an empty shard
+  (`'records'`, `'documents'`).
+  """
+  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  if len(ds) == 0:
+    raise ValueError(f'shard {shard_index} of {shard_count} of {source!r} is empty: more '
+                     f'hosts than {unit}')
+  if len(ds) < _MIN_SHUFFLE_SPAN:
+    ds = ds.repeat(-(-_MIN_SHUFFLE_SPAN // len(ds)))
+  return ds.shuffle(seed=seed).repeat(None)
+
+
+def max_consecutive_skips(source) -> int:
+  """How many unreadable records in a row mean that the data of `source` is broken."""
+  return max(_MIN_CONSECUTIVE_SKIPS_LIMIT, 2 * len(source))
+
+
+def prefetch_in_workers(it: grain.IterDataset,
+                        data_config: ml_collections.ConfigDict) -> grain.IterDataset:
+  """`it` read by `data_config.num_workers` grain processes, or `it` itself when that is 0."""
+  if data_config.num_workers == 0:
+    return it
+  # grain 0.2.18 reads an absl flag when starting workers and raises if flags were never
+  # parsed (google/grain#1355), which is the case outside absl.app (tests, notebooks).
+  # Flags parsed by main.py are left alone; otherwise every flag keeps its default.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return it.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=data_config.num_workers,
+      per_worker_buffer_size=data_config.worker_buffer_size))
+
+
+def host_batch_size(global_batch_size: int) -> int:
+  """This host's share of `global_batch_size`; it must split evenly over the processes."""
+  process_count = jax.process_count()
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of '
+                     f'the process count {process_count}')
+  return global_batch_size // process_count
+
+
 def _derive_seeds(seed: int) -> tuple[int, int]:
   """Independent uint32 seeds for the shuffle and for the augmentations from one int seed."""
   shuffle_seed, augment_seed = np.random.SeedSequence(int(seed) % 2**64).generate_state(2)
@@ -133,32 +178,16 @@ def build_train_dataset(data_config: ml_collections.ConfigDict, *, batch_size: i
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   source = make_source(data_config, 'train')
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  if len(ds) == 0:
-    raise ValueError(f'shard {shard_index} of {shard_count} of {source!r} is empty: more '
-                     'hosts than records')
   shuffle_seed, augment_seed = _derive_seeds(seed)
-  if len(ds) < _MIN_SHUFFLE_SPAN:
-    ds = ds.repeat(-(-_MIN_SHUFFLE_SPAN // len(ds)))
-  ds = ds.shuffle(seed=shuffle_seed).repeat(None)
+  ds = shuffled_shard(source, seed=shuffle_seed, shard_index=shard_index,
+                      shard_count=shard_count, unit='records')
   transform = ImageTransform(data_config.image_size, data_config.resize_mode,
                              data_config.flip)
   ds = ds.random_map(transform, seed=augment_seed)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
                                             prefetch_buffer_size=max(batch_size, 16)))
-  max_consecutive = max(_MIN_CONSECUTIVE_SKIPS_LIMIT, 2 * len(source))
-  it = _SkipCountingIterDataset(it, max_consecutive)
-  it = it.batch(batch_size, drop_remainder=True)
-  if data_config.num_workers > 0:
-    # grain 0.2.18 reads an absl flag when starting workers and raises if flags were never
-    # parsed (google/grain#1355), which is the case outside absl.app (tests, notebooks).
-    # Flags parsed by main.py are left alone; otherwise every flag keeps its default.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=data_config.num_workers,
-        per_worker_buffer_size=data_config.worker_buffer_size))
-  return it
+  it = _SkipCountingIterDataset(it, max_consecutive_skips(source))
+  return prefetch_in_workers(it.batch(batch_size, drop_remainder=True), data_config)
 
 
 def build_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
@@ -173,13 +202,9 @@ def build_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch
   `ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it))` (restore with
   `CheckpointRestore` on a freshly built iterator of the same config and seed).
   """
-  process_count = jax.process_count()
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple of '
-                     f'the process count {process_count}')
-  ds = build_train_dataset(data_config, batch_size=global_batch_size // process_count,
+  ds = build_train_dataset(data_config, batch_size=host_batch_size(global_batch_size),
                            seed=seed, shard_index=jax.process_index(),
-                           shard_count=process_count)
+                           shard_count=jax.process_count())
   return iter(ds)
 
 

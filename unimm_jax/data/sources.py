@@ -200,15 +200,18 @@ def _image_feature_key(features, image_feature_type) -> str:
 class StrideSubset:
   """The records of `parent` at positions that are (eval) or are not (train) held out.
 
-  Held out are positions `0, HOLDOUT_STRIDE, 2 * HOLDOUT_STRIDE, ...`; the mapping is
-  arithmetic, so no index table travels to the workers.
+  Held out are positions `0, stride, 2 * stride, ...`; the mapping is arithmetic, so no
+  index table travels to the workers.
   """
 
-  def __init__(self, parent: ImageSource, held_out: bool):
+  def __init__(self, parent: ImageSource, held_out: bool, stride: int = HOLDOUT_STRIDE):
+    if stride < 2:
+      raise ValueError(f'stride must be >= 2 to leave train records, got {stride}')
     self.parent = parent
     self.held_out = held_out
+    self.stride = stride
     n = len(parent)
-    num_held_out = -(-n // HOLDOUT_STRIDE)
+    num_held_out = -(-n // stride)
     self._len = num_held_out if held_out else n - num_held_out
 
   def __len__(self) -> int:
@@ -216,47 +219,59 @@ class StrideSubset:
 
   def __getitem__(self, index: int) -> SourceRecord:
     if self.held_out:
-      return self.parent[index * HOLDOUT_STRIDE]
-    per_block = HOLDOUT_STRIDE - 1
-    return self.parent[(index // per_block) * HOLDOUT_STRIDE + index % per_block + 1]
+      return self.parent[index * self.stride]
+    per_block = self.stride - 1
+    return self.parent[(index // per_block) * self.stride + index % per_block + 1]
 
   def __repr__(self) -> str:
     part = 'held out' if self.held_out else 'train'
     return f'StrideSubset({part} of {self.parent!r})'
 
 
-def list_image_files(root: str, field: str = 'path') -> list[str]:
-  """Sorted paths, relative to `root`, of the image files under it (recursive).
+def list_files(root: str, extensions: tuple[str, ...], kind: str,
+               field: str = 'path') -> list[str]:
+  """Sorted paths, relative to `root`, of the files under it (recursive) whose extension,
+  lower-cased, is in `extensions`.
 
-  Hidden files and directories are skipped. `field` names the config field in errors.
+  Hidden files and directories are skipped. Errors name the config field `field` and call
+  the files `kind` files (`'image'`, `'text'`).
   """
   if not os.path.isdir(root):
-    raise ValueError(f'data_config.{field}: image folder {root!r} does not exist or is not '
+    raise ValueError(f'data_config.{field}: {kind} folder {root!r} does not exist or is not '
                      'a directory')
   paths = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = [d for d in dirnames if not d.startswith('.')]
     paths.extend(
         os.path.relpath(os.path.join(dirpath, f), root) for f in filenames
-        if not f.startswith('.') and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        if not f.startswith('.') and os.path.splitext(f)[1].lower() in extensions)
   if not paths:
-    raise ValueError(f'data_config.{field}: image folder {root!r} holds no image files '
-                     f'(extensions {IMAGE_EXTENSIONS})')
+    raise ValueError(f'data_config.{field}: {kind} folder {root!r} holds no {kind} files '
+                     f'(extensions {extensions})')
   return sorted(paths)
 
 
-def expand_array_record_paths(spec, field: str = 'path') -> list[str]:
-  """Files matching `spec` (a glob, comma-separated globs, or a list), sorted per glob."""
+def list_image_files(root: str, field: str = 'path') -> list[str]:
+  """`list_files` for the `IMAGE_EXTENSIONS` files under `root`."""
+  return list_files(root, IMAGE_EXTENSIONS, 'image', field)
+
+
+def expand_globs(spec, source: str, kind: str, field: str = 'path') -> list[str]:
+  """Files matching `spec` (a glob, comma-separated globs, or a list), sorted per glob.
+
+  Directories that a glob matches are left out. Errors name the config field `field`, the
+  data source `source` (`'array_record'`, `'jsonl'`) and its files as `kind` files.
+  """
   patterns = spec.split(',') if isinstance(spec, str) else list(spec)
   patterns = [p.strip() for p in patterns if p.strip()]
   if not patterns:
-    raise ValueError(f'data_config.{field} is empty; source array_record needs a glob or a '
-                     'list of ArrayRecord files')
+    raise ValueError(f'data_config.{field} is empty; source {source} needs a glob or a list '
+                     f'of {kind} files')
   paths = []
   for pattern in patterns:
-    matches = sorted(glob.glob(pattern))
+    matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
     if not matches:
-      raise ValueError(f'data_config.{field}: no ArrayRecord file matches {pattern!r}')
+      raise ValueError(f'data_config.{field}: no {kind} file matches {pattern!r}')
     paths.extend(matches)
   return paths
 
@@ -270,7 +285,7 @@ def _raw_source(data_config: ml_collections.ConfigDict, field: str) -> ImageSour
   if data_config.source == 'folder':
     return FileSource(location, list_image_files(location, field))
   if data_config.source == 'array_record':
-    return ArrayRecordSource(expand_array_record_paths(location, field))
+    return ArrayRecordSource(expand_globs(location, 'array_record', 'ArrayRecord', field))
   split = data_config.split if field == 'path' else location
   return TfdsSource(data_config.tfds_name, split, data_config.tfds_data_dir or None)
 
