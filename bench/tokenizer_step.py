@@ -13,25 +13,11 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from common import compiled_flops, default_gemm_size, peak_gemm_flops
 from unimm_jax import config_defaults
 from unimm_jax.train import trainer
-
-
-def peak_gemm_flops(n: int, reps: int = 5) -> float:
-  """Best-of-`reps` FLOP/s of an (n, n) @ (n, n) float32 matmul."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  matmul = jax.jit(lambda a, b: a @ b)
-  matmul(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best
 
 
 def bench_train_step(config, steps: int) -> dict:
@@ -44,9 +30,7 @@ def bench_train_step(config, steps: int) -> dict:
   with setup.activate():
     compiled = setup.compile_train_step().lower(
         state, setup.frozen, batch_arrays, setup.train_rng).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))
+  flops = compiled_flops(compiled)
   state, metrics = compiled(state, setup.frozen, batch_arrays, setup.train_rng)  # warm-up
   jax.block_until_ready(metrics)
   start = time.perf_counter()
@@ -67,7 +51,7 @@ def main():
   args = parser.parse_args()
 
   backend = jax.default_backend()
-  n = args.gemm_n or (2048 if backend == "cpu" else 8192)
+  n = args.gemm_n or default_gemm_size()
   peak = peak_gemm_flops(n)
   print(f"backend {backend} ({jax.device_count()} device(s): {jax.devices()[0].device_kind})")
   print(f"peak float32 GEMM {n}x{n}: {peak / 1e9:.1f} GFLOP/s")

@@ -75,12 +75,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       schedule="constant", warmup_steps=0, grad_clip=0.0))
   config.ema_decay = 0.999  # 0 disables the parameter EMA.
 
-  for variant in [v for v in (arg or "").split(",") if v]:
-    if variant not in _VARIANTS:
-      raise ValueError(f"unknown variant {variant!r} of configs/uniwetok.py; "
-                       f"choose from {sorted(_VARIANTS)}")
-    _VARIANTS[variant](config)
-  return config
+  return config_defaults.apply_variants(config, arg, _VARIANTS, "configs/uniwetok.py")
 
 
 def _paper(config):
@@ -130,12 +125,7 @@ def _tiny(config):
   config.data.num_workers = 0
   config.optim.lr = 1e-3
   config.ema_decay = 0.9
-  config.train.batch_size = 8
-  config.train.steps = 4
-  config.train.log_every = 1
-  config.train.image_every = 2
-  config.train.checkpoint_every = 2
-  config.train.eval_every = 4
+  config_defaults.set_test_schedule(config)
   config.train.eval_num_images = 4
   config.eval.num_images = 6
   config.eval.batch_size = 4

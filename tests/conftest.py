@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import save_file
 
@@ -52,6 +54,14 @@ def read_metrics(workdir) -> dict[int, dict]:
       record = json.loads(line)
       merged.setdefault(record["step"], {}).update(record)
   return merged
+
+
+def saved_state_arrays(workdir, step) -> dict:
+  """The raw saved `state` item of a checkpoint as {leaf path: numpy}, without model code."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    state = checkpointer.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 @pytest.fixture(scope="session")

@@ -6,24 +6,10 @@ import signal
 import subprocess
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, main_command, read_metrics, run_main, subprocess_env
-
-
-def _restore_params(workdir, step):
-  """The raw saved `state` item of a checkpoint, as numpy, without the model code."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    return checkpointer.restore(path)
-
-
-def _flat(tree):
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+from conftest import REPO, main_command, read_metrics, run_main, saved_state_arrays, subprocess_env
 
 
 def test_run_leaves_logs_images_checkpoints(full_run):
@@ -78,7 +64,7 @@ def test_sigkill_and_resume_is_bit_identical(full_run, tmp_path):
       subprocess.run(["rm", "-rf", os.path.join(ckpts, name)], check=True)
   resumed = run_main(tmp_path, "--config.train.steps=4")
   assert "resumed from step 2" in resumed.stderr
-  reference, got = _flat(_restore_params(workdir, 4)), _flat(_restore_params(tmp_path, 4))
+  reference, got = saved_state_arrays(workdir, 4), saved_state_arrays(tmp_path, 4)
   assert reference.keys() == got.keys()
   for name in reference:
     np.testing.assert_array_equal(got[name], reference[name], err_msg=name)

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from unimm_jax.data import data_config
+from unimm_jax.data import text_data_config
 
 # Logical axis -> mesh axes. `batch` spans data and fsdp (FSDP is data parallel with
 # sharded parameters); parameters shard their `embed`/`conv_out` dimension over fsdp and
@@ -66,6 +67,24 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def apply_variants(config: ml_collections.ConfigDict, arg: str, variants: dict,
+                   config_file: str) -> ml_collections.ConfigDict:
+  """Applies the comma-separated variants of `arg` in order; an unknown one is named."""
+  for variant in [v for v in (arg or "").split(",") if v]:
+    if variant not in variants:
+      raise ValueError(f"unknown variant {variant!r} of {config_file}; "
+                       f"choose from {sorted(variants)}")
+    variants[variant](config)
+  return config
+
+
+def set_test_schedule(config: ml_collections.ConfigDict) -> None:
+  """The `tiny` variants' cadence: 4 steps of batch 8 that log every step, write samples and
+  checkpoints at steps 2 and 4 and evaluate at 4, so tests see every periodic action."""
+  config.train.update(dict(batch_size=8, steps=4, log_every=1, image_every=2,
+                           checkpoint_every=2, eval_every=4))
+
+
 def teacher_config() -> ml_collections.ConfigDict:
   """A frozen ViT teacher (`unimm_jax.models.teacher.load_teacher`); empty path = none."""
   return ml_collections.ConfigDict(dict(
@@ -83,7 +102,7 @@ _ENUMS = {
     "optim.schedule": ("constant", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
     "teacher.dtype": ("float32", "bfloat16"),
-    "task": ("tokenizer",),
+    "task": ("tokenizer", "lm"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.image_every",
              "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
@@ -153,8 +172,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for rule in config.sharding_rules:
     if len(rule) != 2:
       raise ValueError(f"config.sharding_rules entry {rule!r} is not (logical, mesh_axes)")
+  validate_data = (text_data_config.validate_text_data_config if config.task == "lm"
+                   else data_config.validate_data_config)
   try:
-    data_config.validate_data_config(config.data)
+    validate_data(config.data)
   except ValueError as e:  # name the key as it is spelled on the command line
     raise ValueError(str(e).replace("data_config", "config.data", 1)) from None
   if (_has(config, "loss.perceptual") and config.loss.perceptual

@@ -1,9 +1,10 @@
-r"""Entry point: train a config, or encode/decode images with a trained tokenizer.
+r"""Entry point: train a config, encode/decode images with a tokenizer, generate text with an LM.
 
   python -m unimm_jax.main --config=configs/uniwetok.py:demo --workdir=/tmp/run
   python -m unimm_jax.main --mode=eval --workdir=/tmp/run
   python -m unimm_jax.main --mode=encode --workdir=/tmp/run --input=photos/ --output=codes.npz
   python -m unimm_jax.main --mode=decode --workdir=/tmp/run --input=codes.npz --output=out/
+  python -m unimm_jax.main --mode=generate --workdir=/tmp/lm --prompt="The assert statement"
 
 Override any config field with --config.a.b=value; unknown keys and wrongly typed values
 stop the run before anything is compiled.
@@ -16,6 +17,7 @@ from ml_collections import config_flags
 
 from unimm_jax import config_defaults
 from unimm_jax.inference import image_codec
+from unimm_jax.inference import text_generation
 from unimm_jax.models import registry
 from unimm_jax.train import from_checkpoint
 from unimm_jax.train import trainer
@@ -25,10 +27,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     "the config saved with the workdir's checkpoint.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.",
                                required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "encode", "decode"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "encode", "decode", "generate"],
                           "What to run.")
 _INPUT = flags.DEFINE_string("input", None, "encode: image folder; decode: .npz of codes.")
 _OUTPUT = flags.DEFINE_string("output", None, "encode: .npz to write; decode: folder.")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: the text to continue.")
+_CHAT = flags.DEFINE_bool("chat", False, "generate: wrap the prompt as a user turn of the "
+                          "tokenizer's chat template.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "generate: tokens to add.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample among the k most likely.")
+_TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass.")
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() first (one process per host, "
     "e.g. every worker of a TPU pod; see launch/tpu_pod.sh).")
@@ -58,6 +67,19 @@ def main(argv):
   if _MODE.value == "eval":
     config = config if config is not None else from_checkpoint.saved_config(_WORKDIR.value)
     from_checkpoint.evaluate_checkpoint(config, _WORKDIR.value)
+    return
+  if _MODE.value == "generate":
+    if _PROMPT.value is None:
+      raise app.UsageError("--mode=generate needs --prompt")
+    config = config if config is not None else from_checkpoint.saved_config(_WORKDIR.value)
+    if config.task != "lm":
+      raise app.UsageError(f"--mode=generate needs a language model run, not task "
+                           f"{config.task!r}")
+    task, params = from_checkpoint.restore_ema_params(config, _WORKDIR.value)
+    print(text_generation.generate_text(
+        task.model, params, task.tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+        chat=_CHAT.value, seed=config.seed))
     return
   if not (_INPUT.value and _OUTPUT.value):
     raise app.UsageError(f"--mode={_MODE.value} needs --input and --output")

@@ -1,11 +1,14 @@
 """The one training loop: sharded state, Grain batches, CLU logs, Orbax checkpoints.
 
 The trainer knows nothing about a particular model; a task (config.task) supplies
-`init`, `train_step` and `eval_step`.
+`init(rng)`, `load_frozen()`, `train_step(state, frozen, batch, rng)`, `batch_ndims()`
+(batch arrays by name and rank, all batch-leading), `train_iterator(seed)` (a checkpointable
+Grain iterator of host-local batches with a `skipped` count), `throughput_unit` and
+`items_per_batch` (images or tokens per step), and `evaluator(setup, writer, workdir)`
+(see `unimm_jax.train.evaluators`).
 """
 import functools
 import logging
-import os
 import signal
 import time
 
@@ -17,9 +20,6 @@ import ml_collections
 import numpy as np
 
 from unimm_jax import config_defaults
-from unimm_jax.data import pipeline
-from unimm_jax.evals import image_metrics
-from unimm_jax.inference import image_io
 from unimm_jax.parallel import mesh as mesh_lib
 from unimm_jax.parallel import sharding
 from unimm_jax.train import checkpointing
@@ -64,6 +64,8 @@ class Setup:
     self.abstract_state = checkpointing.abstract_with_shardings(
         nn.unbox(boxed), self.state_shardings)
     self.image_sharding = sharding.batch_sharding(self.mesh, self.rules, ndim=4)
+    self.batch_shardings = {name: sharding.batch_sharding(self.mesh, self.rules, ndim)
+                            for name, ndim in self.task.batch_ndims().items()}
 
   def checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
     return checkpointing.Checkpointer(workdir, keep=self.config.train.keep_checkpoints,
@@ -86,14 +88,13 @@ class Setup:
   def compile_train_step(self):
     """jit of task.train_step(state, frozen, batch, rng) with the state donated."""
     return jax.jit(self.task.train_step,
-                   in_shardings=(self.state_shardings, None, {"image": self.image_sharding},
-                                 None),
+                   in_shardings=(self.state_shardings, None, self.batch_shardings, None),
                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
 
-  def compile_eval_step(self):
-    return jax.jit(self.task.eval_step,
-                   in_shardings=(self.state_shardings, {"image": self.image_sharding}),
-                   out_shardings=self.image_sharding)
+  def global_batch(self, host_batch: dict, host_local: bool = True) -> dict:
+    """The task's batch arrays (see `batch_ndims`) as global arrays, batch axis sharded."""
+    return {name: _global_array(host_batch[name], s, host_local)
+            for name, s in self.batch_shardings.items()}
 
   def global_images(self, images: np.ndarray, host_local: bool) -> jax.Array:
     """Host data -> one global array sharded over the batch axes.
@@ -101,10 +102,13 @@ class Setup:
     host_local: each process holds its own slice (training batches); otherwise every
     process holds the same full array (eval images).
     """
-    if host_local:
-      return jax.make_array_from_process_local_data(self.image_sharding, images)
-    return jax.make_array_from_callback(images.shape, self.image_sharding,
-                                        lambda index: images[index])
+    return _global_array(images, self.image_sharding, host_local)
+
+
+def _global_array(x: np.ndarray, array_sharding, host_local: bool) -> jax.Array:
+  if host_local:
+    return jax.make_array_from_process_local_data(array_sharding, x)
+  return jax.make_array_from_callback(x.shape, array_sharding, lambda index: x[index])
 
 
 class _Contexts:
@@ -120,17 +124,11 @@ class _Contexts:
       c.__exit__(*exc)
 
 
-def _eval_images(setup: Setup) -> np.ndarray:
-  """Held-out crops, rounded up to a multiple of the batch shards so they split evenly."""
-  shards = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
-  n = -(-setup.config.train.eval_num_images // shards) * shards
-  return pipeline.build_eval_images(setup.config.data, n)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains until config.train.steps, resuming from WORKDIR's latest checkpoint.
 
-  Returns the final metrics, including `eval/psnr` at the start and end of this run.
+  Returns the step and the evaluator's scalars at the end of this run (e.g. `eval/psnr`),
+  and at its start with a `_start` suffix.
   """
   preemption = PreemptionFlag()  # first, so a SIGTERM during start-up also exits cleanly
   try:
@@ -143,10 +141,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
   setup = Setup(config)
   checkpointer = setup.checkpointer(workdir)
   tc = config.train
-  data_iter = pipeline.build_train_iterator(
-      config.data, global_batch_size=tc.batch_size, seed=config.seed)
-  eval_images = _eval_images(setup)
-  eval_batch = {"image": setup.global_images(eval_images, host_local=False)}
+  data_iter = setup.task.train_iterator(config.seed)
 
   latest = checkpointer.latest_step()
   if latest is None:
@@ -157,9 +152,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
       state, progress = checkpointer.restore(latest, setup.abstract_state, data_iter)
     logging.info("resumed from step %d in %s", latest, workdir)
   train_step = setup.compile_train_step()
-  eval_step = setup.compile_eval_step()
 
   writer = metric_logging.create_writer(workdir)
+  evaluator = setup.task.evaluator(setup, writer, workdir)
   if latest is None:
     writer.write_hparams(metric_logging.flatten_hparams(config))
   step = int(jax.device_get(state.step))
@@ -167,21 +162,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
   report = periodic_actions.ReportProgress(num_train_steps=tc.steps, every_secs=None,
                                            every_steps=tc.log_every)
 
-  last_eval = {}
-
-  def evaluate(state, step) -> tuple[float, np.ndarray]:
-    """Mean PSNR of the held-out crops (EMA params), logged once per step; and the recons."""
-    if last_eval.get("step") != step:
-      with setup.activate():
-        recons = np.asarray(jax.device_get(eval_step(state, eval_batch)))
-      value = float(np.mean(image_metrics.psnr(eval_images, recons, data_range=2.0)))
-      writer.write_scalars(step, {"eval/psnr": value})
-      last_eval.update(step=step, value=value, recons=recons)
-    return last_eval["value"], last_eval["recons"]
-
-  psnr_start, recons = evaluate(state, step)
-  print(f"held-out PSNR at step {step}: {psnr_start:.2f} dB "
-        f"({len(eval_images)} crops, EMA params)", flush=True)
+  unit = setup.task.throughput_unit
+  scalars_start = evaluator.evaluate(state, step)
+  print(f"held-out {evaluator.metric_name} at step {step}: "
+        f"{evaluator.headline(scalars_start)} ({evaluator.description})", flush=True)
 
   nonfinite_seen, consecutive_bad = int(jax.device_get(state.nonfinite_steps)), 0
   last_log_step, last_log_time = step, time.perf_counter()
@@ -190,7 +174,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
     while step < tc.steps and not preemption.requested:
       host_batch = next(data_iter)
       progress["skipped_records"] += int(host_batch["skipped"].sum())
-      batch = {"image": setup.global_images(host_batch["image"], host_local=True)}
+      batch = setup.global_batch(host_batch)
       with jax.profiler.StepTraceAnnotation("train", step_num=step), setup.activate():
         state, metrics = train_step(state, setup.frozen, batch, setup.train_rng)
       step += 1
@@ -207,22 +191,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
                      "nonfinite_steps": int(nonfinite_total)})
         if step > last_log_step:  # not on the first step, whose time is compilation
           steps_per_sec = (step - last_log_step) / (now - last_log_time)
-          flat.update(steps_per_sec=steps_per_sec,
-                      images_per_sec=steps_per_sec * tc.batch_size)
+          flat.update({"steps_per_sec": steps_per_sec,
+                       f"{unit}_per_sec": steps_per_sec * setup.task.items_per_batch})
         writer.write_scalars(step, flat)
         consecutive_bad = _check_nonfinite(
             int(nonfinite_total) - nonfinite_seen, step - last_log_step, consecutive_bad,
             tc.max_nonfinite_steps, step, checkpointer.latest_step())
         nonfinite_seen = int(nonfinite_total)
         last_log_step, last_log_time = step, now
-        speed = f" {flat['images_per_sec']:.1f} img/s" if "images_per_sec" in flat else ""
+        speed = (f" {flat[f'{unit}_per_sec']:.1f} {unit}/s" if f"{unit}_per_sec" in flat
+                 else "")
         print(f"step {step}/{tc.steps} loss {flat['loss']:.4f}{speed}", flush=True)
 
       if step % tc.image_every == 0 or step == tc.steps:
-        _, recons = evaluate(state, step)
-        _write_grid(writer, workdir, step, eval_images, recons, tc.grid_images)
+        evaluator.write_samples(state, step)
       elif step % tc.eval_every == 0:
-        evaluate(state, step)
+        evaluator.evaluate(state, step)
 
       if checkpointer.save(step, state, data_iter, config, progress, force=step == tc.steps):
         saved_step = step
@@ -230,7 +214,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
       if saved_step != step:
         checkpointer.save(step, state, data_iter, config, progress, force=True)
     else:
-      psnr_end, _ = evaluate(state, step)
+      scalars_end = evaluator.evaluate(state, step)
   finally:
     checkpointer.wait()
     checkpointer.close()
@@ -239,9 +223,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
   if preemption.requested:
     logging.warning("checkpoint saved at step %d after SIGTERM", step)
     return {"step": step, "preempted": True}
-  print(f"held-out PSNR at step {step}: {psnr_end:.2f} dB (start of this run: "
-        f"{psnr_start:.2f} dB)", flush=True)
-  return {"step": step, "eval/psnr_start": psnr_start, "eval/psnr": psnr_end}
+  print(f"held-out {evaluator.metric_name} at step {step}: {evaluator.headline(scalars_end)} "
+        f"(start of this run: {evaluator.headline(scalars_start)})", flush=True)
+  return {"step": step, **scalars_end, **{f"{k}_start": v for k, v in scalars_start.items()}}
 
 
 def _check_nonfinite(new_bad: int, window: int, consecutive: int, limit: int, step: int,
@@ -258,10 +242,3 @@ def _check_nonfinite(new_bad: int, window: int, consecutive: int, limit: int, st
         f"good checkpoint (step {last_good_checkpoint}) is kept; lower the learning rate or "
         f"check the data, then rerun in the same workdir to resume from it.")
   return consecutive
-
-
-def _write_grid(writer, workdir, step, originals, recons, n):
-  grid = metric_logging.reconstruction_grid(originals[:n], recons[:n])
-  writer.write_images(step, {"reconstructions": grid[None]})
-  if jax.process_index() == 0:
-    image_io.save_png(os.path.join(workdir, "reconstructions", f"step_{step:07d}.png"), grid)

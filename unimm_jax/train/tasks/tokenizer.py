@@ -11,11 +11,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from unimm_jax.data import pipeline
 from unimm_jax.evals import lpips as lpips_weights
 from unimm_jax.losses import gan
 from unimm_jax.losses import reconstruction
 from unimm_jax.models import lpips
 from unimm_jax.models import registry
+from unimm_jax.train import evaluators
 from unimm_jax.train import optimizers
 from unimm_jax.train.tasks import adversarial
 from unimm_jax.train.train_state import TrainState, keep_if_finite
@@ -35,13 +37,27 @@ EVAL_NOISE_SEED = 1234
 
 class TokenizerTask:
   """Trains a tokenizer model (UniWeTok, ...) with reconstruction and aux losses."""
+  throughput_unit = "images"
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+    self.items_per_batch = config.train.batch_size
     self.model = registry.build_tokenizer(config.model)
     self.tx, self.lr_schedule = optimizers.make_optimizer(config.optim, config.train.steps)
     self.adversary = adversarial.Adversary(config.disc) if config.loss.gan else None
     self.lpips = lpips.LPIPS()
+
+  def batch_ndims(self) -> dict[str, int]:
+    return {"image": 4}
+
+  def train_iterator(self, seed: int):
+    """This host's batches {'image': (b, h, w, 3), 'skipped': (b,)}, checkpointable."""
+    return pipeline.build_train_iterator(self.config.data,
+                                         global_batch_size=self.config.train.batch_size,
+                                         seed=seed)
+
+  def evaluator(self, setup, writer, workdir: str) -> evaluators.ReconstructionEvaluator:
+    return evaluators.ReconstructionEvaluator(setup, writer, workdir)
 
   def init(self, rng: jax.Array) -> TrainState:
     """A fresh state; params stay boxed (`nn.Partitioned`) so shardings can be derived."""

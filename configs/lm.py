@@ -1,0 +1,79 @@
+r"""Text-only language model on the shared trainer (the LLM of every unified model).
+
+Variants, chosen by the text after the colon:
+  configs/lm.py:tiny   tests: byte-level 2-layer model, 64-token rows, a few steps.
+  configs/lm.py:demo   a byte-level 4-layer model on the built-in CPython corpus, ~5 min on
+                       2 CPU cores; prints held-out loss and a sample at the start and end.
+
+Text comes from `config.data` (unimm_jax/data/text_data_config.py): the built-in corpus,
+JSONL or a folder of text files, tokenized by the byte tokenizer or an HF tokenizer.json
+directory (`--config.data.tokenizer=/ckpt/Qwen2.5-0.5B`). The model fields are those of
+`unimm_jax.models.llm.LLMConfig`; vocab_size 0 takes the tokenizer's.
+
+  python -m unimm_jax.main --config=configs/lm.py:demo --workdir=/tmp/lm
+"""
+import ml_collections
+
+from unimm_jax import config_defaults
+from unimm_jax.data import text_data_config
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+  """Returns the LM config for a comma-separated list of variants."""
+  config = config_defaults.base_config()
+  config.task = "lm"
+  config.data = text_data_config.default_text_data_config()
+  config.model = ml_collections.ConfigDict(dict(
+      vocab_size=0,
+      hidden_size=256,
+      intermediate_size=688,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=0,  # 0 = hidden_size // num_heads
+      rope_theta=10000.0,
+      rms_norm_eps=1e-6,
+      qkv_bias=False,  # Qwen2
+      qk_norm="",  # '' | 'rms' (Qwen3) | 'chameleon'
+      tie_word_embeddings=True,
+      dtype="float32",
+      scan_layers=False,
+      remat=False,
+  ))
+  config.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.1,
+      schedule="cosine", warmup_steps=50, grad_clip=1.0))
+  config.ema_decay = 0.0  # eval with the trained params themselves
+  config.train.batch_size = 16
+  config.train.steps = 600
+  config.train.log_every = 25
+  config.train.image_every = 200  # text samples (TensorBoard + samples/*.txt)
+  config.train.checkpoint_every = 200
+  config.train.eval_every = 100
+  config.eval.batch_size = 8
+  config.eval.num_batches = 4  # held-out rows = batch_size x num_batches at most
+  config.eval.prompt_tokens = 48  # the sample continues this many tokens of an eval document
+  config.eval.sample_tokens = 64
+
+  return config_defaults.apply_variants(config, arg, _VARIANTS, "configs/lm.py")
+
+
+def _demo(config):
+  config.data.seq_len = 128
+
+
+def _tiny(config):
+  m = config.model
+  m.hidden_size, m.intermediate_size, m.num_layers = 32, 64, 2
+  m.num_heads, m.num_kv_heads = 4, 2
+  config.data.seq_len = 64
+  config.optim.warmup_steps = 0
+  config.optim.schedule = "constant"
+  config_defaults.set_test_schedule(config)
+  config.eval.batch_size = 8
+  config.eval.num_batches = 1
+  config.eval.prompt_tokens = 16
+  config.eval.sample_tokens = 8
+
+
+_VARIANTS = {"demo": _demo, "tiny": _tiny}

@@ -1,0 +1,116 @@
+"""Language-model training on packed text: next-token cross entropy under a loss mask.
+
+A batch holds packed rows (`unimm_jax.data.text_packing`): tokens, targets (the next token
+of the same segment), positions (restarting per document), segment_ids (attention stays
+inside a document) and loss_mask (0 on each segment's last token and on padding). The loss
+is sum(mask * CE(logits, targets)) / sum(mask) over the global batch.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from unimm_jax.data import text_corpus
+from unimm_jax.data import text_tokenizer
+from unimm_jax.models import llm
+from unimm_jax.nn.dtypes import compute_dtype
+from unimm_jax.train import evaluators
+from unimm_jax.train import optimizers
+from unimm_jax.train.train_state import TrainState, keep_if_finite
+
+BATCH_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def llm_config(model: ml_collections.ConfigDict, vocab_size: int) -> llm.LLMConfig:
+  """LLMConfig from `config.model`; vocab_size 0 there takes the tokenizer's."""
+  return llm.LLMConfig(
+      vocab_size=model.vocab_size or vocab_size,
+      hidden_size=model.hidden_size,
+      intermediate_size=model.intermediate_size,
+      num_layers=model.num_layers,
+      num_heads=model.num_heads,
+      num_kv_heads=model.num_kv_heads,
+      head_dim=model.head_dim or None,
+      rope_theta=model.rope_theta,
+      rms_norm_eps=model.rms_norm_eps,
+      qkv_bias=model.qkv_bias,
+      qk_norm=model.qk_norm or None,
+      tie_word_embeddings=model.tie_word_embeddings,
+      dtype=compute_dtype(model.dtype, "config.model.dtype"),
+      scan_layers=model.scan_layers,
+      remat=model.remat,
+  )
+
+
+def token_statistics(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
+  """Masked sums over a batch: CE, correct next-token guesses, and counted tokens.
+
+  Shapes: logits (b, s, vocab) float32; batch fields (b, s) -> float32 scalars.
+  """
+  mask = batch["loss_mask"].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+  return {"ce_sum": jnp.sum(ce * mask), "correct_sum": jnp.sum(correct * mask),
+          "tokens": jnp.sum(mask)}
+
+
+class LMTask:
+  """Trains `unimm_jax.models.llm.LLM` on packed text from `config.data` (text fields)."""
+  throughput_unit = "tokens"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.tokenizer = text_tokenizer.load_tokenizer(config.data.tokenizer)
+    self.model = llm.LLM(llm_config(config.model, self.tokenizer.vocab_size))
+    if self.model.config.vocab_size < self.tokenizer.vocab_size:
+      raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than "
+                       f"the tokenizer's {self.tokenizer.vocab_size} ids")
+    self.tx, self.lr_schedule = optimizers.make_optimizer(config.optim, config.train.steps)
+    self.items_per_batch = config.train.batch_size * config.data.seq_len
+
+  def batch_ndims(self) -> dict[str, int]:
+    return {name: 2 for name in BATCH_FIELDS}
+
+  def train_iterator(self, seed: int):
+    """This host's packed rows, checkpointable; document order from data.shuffle_seed."""
+    del seed  # the text pipeline is seeded by config.data.shuffle_seed
+    return text_corpus.build_text_train_iterator(
+        self.config.data, self.tokenizer, global_batch_size=self.config.train.batch_size)
+
+  def evaluator(self, setup, writer, workdir: str) -> evaluators.LanguageModelEvaluator:
+    return evaluators.LanguageModelEvaluator(setup, writer, workdir)
+
+  def init(self, rng: jax.Array) -> TrainState:
+    ids = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
+    variables = self.model.init(rng, ids)
+    return TrainState.create(variables["params"], self.tx)
+
+  def load_frozen(self) -> dict:
+    return {}
+
+  def statistics(self, params, batch: dict) -> dict[str, jax.Array]:
+    logits = self.model.apply({"params": params}, batch["tokens"],
+                              positions=batch["positions"], segment_ids=batch["segment_ids"])
+    return token_statistics(logits, batch)
+
+  def train_step(self, state: TrainState, frozen: dict, batch: dict, rng: jax.Array):
+    """One update on the masked mean next-token CE. Returns (state, metrics)."""
+    del frozen, rng  # no frozen networks; no dropout
+
+    def loss_fn(params):
+      stats = self.statistics(params, batch)
+      return stats["ce_sum"] / jnp.maximum(stats["tokens"], 1.0), stats
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = keep_if_finite(state.apply_gradients(grads, self.config.ema_decay), state, ok)
+    metrics = {"loss": loss, "perplexity": jnp.exp(loss),
+               "accuracy": stats["correct_sum"] / jnp.maximum(stats["tokens"], 1.0),
+               "target_tokens": stats["tokens"], "grad_norm": grad_norm,
+               "lr": self.lr_schedule(state.step), "nonfinite": (~ok).astype(jnp.int32)}
+    return new_state, metrics
+
+  def eval_step(self, state: TrainState, batch: dict) -> dict[str, jax.Array]:
+    """Masked sums of one eval batch with the EMA params (see token_statistics)."""
+    return self.statistics(state.ema_params, batch)
