@@ -6,6 +6,14 @@ Variants, chosen by the text after the colon:
   configs/uniwetok.py:paper   the appendix configuration (Tables 14-33): 256 px, channel 128,
                               mult [1,1,2,2,4,8], 2 res blocks, 16 attention blocks, 16 x 8 bits,
                               Adam 1e-4 betas (0.5, 0.9), EMA, batch 128.
+Curriculum stages (paper 3.3), after a size, each run with --config.train.init_from=<the
+previous stage's workdir>:
+  stage1   fixed resolution (data.image_size) on general data: the size variant as it is.
+  stage2   several resolutions trained together: buckets (s, B) and (2s, B / 4) for
+           image_size s and batch B (same pixels per step; the paper does not list its
+           resolutions, so this pair is our default), one compiled step per bucket.
+  stage3   annealing on faces and text: the built-in face and text images (user data: point
+           config.data at them), cosine decay of the learning rate to 0.
 
 Any field can be overridden on the command line, e.g.
   python -m unimm_jax.main --config=configs/uniwetok.py:demo --workdir=/tmp/run \
@@ -137,4 +145,22 @@ def _gan(config):
   config.disc.ndf = min(config.disc.ndf, 32)
 
 
-_VARIANTS = {"paper": _paper, "demo": _demo, "tiny": _tiny, "gan": _gan}
+def _stage1(config):
+  del config  # stage 1 is the fixed-resolution pre-training every size variant describes
+
+
+def _stage2(config):
+  size, batch = config.data.image_size, config.train.batch_size
+  if batch % 4:
+    raise ValueError(f"stage2 needs config.train.batch_size divisible by 4, got {batch}")
+  config.data.resolution_buckets = f"{size}:{batch},{2 * size}:{batch // 4}"
+
+
+def _stage3(config):
+  if config.data.source == "builtin":
+    config.data.builtin_names = "faces_text"
+  config.optim.schedule = "cosine"
+
+
+_VARIANTS = {"paper": _paper, "demo": _demo, "tiny": _tiny, "gan": _gan, "stage1": _stage1,
+             "stage2": _stage2, "stage3": _stage3}

@@ -156,3 +156,29 @@ def test_eval_mode_writes_metrics(full_run, inception_weights_file):
   assert len(results["code_usage"]) == 4  # tiny: 4 groups
   assert "eval of step 4 on 6 images: psnr" in proc.stdout
   assert "eval/ssim" in read_metrics(workdir)[4]
+
+
+def test_curriculum_stage2_starts_from_stage1_with_two_resolutions(full_run, tmp_path):
+  """tiny,stage2 from the tiny run: step 0 evaluates stage 1's final EMA params, and the
+  batches alternate between the 32 px (batch 8) and 64 px (batch 2) buckets."""
+  stage1, _ = full_run
+  proc = run_main(tmp_path, f"--config.train.init_from={stage1}",
+                  config="configs/uniwetok.py:tiny,stage2")
+  assert f"starting from {stage1}" in proc.stderr
+  before, after = read_metrics(stage1), read_metrics(tmp_path)
+  np.testing.assert_allclose(after[0]["eval/psnr"], before[4]["eval/psnr"], rtol=1e-6)
+  assert np.isfinite(after[4]["loss"])
+  # images/s counts the images actually trained: 8 + 2 per pair of steps.
+  assert after[4]["images_per_sec"] < 8 * after[4]["steps_per_sec"]
+
+
+def test_resolution_buckets_alternate(tmp_path):
+  from unimm_jax import config_defaults
+  from unimm_jax.data import pipeline
+  config = config_defaults.load_config("configs/uniwetok.py:tiny,stage2")
+  iterator = pipeline.build_train_iterator(config.data, global_batch_size=8, seed=0)
+  shapes = [next(iterator)["image"].shape for _ in range(4)]
+  assert shapes == [(8, 32, 32, 3), (2, 64, 64, 3)] * 2
+  config.data.resolution_buckets = "32:8,64"
+  with pytest.raises(ValueError, match="resolution_buckets"):
+    config_defaults.validate(config)

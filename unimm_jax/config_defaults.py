@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_num_images=16,
       grid_images=8,
       max_nonfinite_steps=20,  # consecutive skipped (NaN/Inf) steps before giving up
+      # A fresh run starts from the params (and EMA, discriminator) of this workdir's latest
+      # checkpoint with a new optimiser and step 0: the previous curriculum stage.
+      init_from="",
   ))
 
   # --mode=eval: the eval split of config.data, in batches.

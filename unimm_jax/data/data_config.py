@@ -16,6 +16,10 @@
     builtin_names         'photos'    builtin train photos: names and named sets
                                       ('photos', 'faces_text'), comma-separated or a tuple
     synthetic_num_images  1024        size of the synthetic train set
+    resolution_buckets    ''          several train resolutions at once (UniWeTok stage 2):
+                                      'SIDE:GLOBAL_BATCH,...', e.g. '256:128,512:32'; batches
+                                      alternate between the buckets, each batch at one side;
+                                      '' trains at image_size with train.batch_size
 
 `validate_data_config` fails before anything is built or compiled, naming the field.
 """
@@ -45,7 +49,20 @@ def default_data_config() -> ml_collections.ConfigDict:
       'worker_buffer_size': 2,
       'builtin_names': 'photos',
       'synthetic_num_images': 1024,
+      'resolution_buckets': '',
   })
+
+
+def parse_resolution_buckets(spec: str) -> tuple[tuple[int, int], ...]:
+  """'256:128,512:32' -> ((256, 128), (512, 32)): (square side, global batch) per bucket."""
+  buckets = []
+  for item in [part.strip() for part in spec.split(',') if part.strip()]:
+    side, sep, batch = item.partition(':')
+    if not (sep and side.isdigit() and batch.isdigit() and int(side) > 0 and int(batch) > 0):
+      raise ValueError(f"data_config.resolution_buckets={spec!r}: {item!r} is not "
+                       "'SIDE:GLOBAL_BATCH' with positive integers")
+    buckets.append((int(side), int(batch)))
+  return tuple(buckets)
 
 
 def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
@@ -64,6 +81,7 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     value = data_config[field]
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
       raise ValueError(f'data_config.{field} must be an int >= {minimum}, got {value!r}')
+  parse_resolution_buckets(data_config.resolution_buckets)
   if data_config.source in ('folder', 'array_record') and not data_config.path:
     raise ValueError(f'data_config.path is empty; source {data_config.source!r} needs it')
   if data_config.source == 'tfds' and not data_config.tfds_name:

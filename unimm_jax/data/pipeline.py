@@ -36,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from unimm_jax.data.data_config import validate_data_config
+from unimm_jax.data.data_config import parse_resolution_buckets, validate_data_config
 from unimm_jax.data.sources import make_source
 from unimm_jax.data.transforms import ImageTransform, Unreadable
 
@@ -157,6 +157,28 @@ def _derive_seeds(seed: int) -> tuple[int, int]:
   return int(shuffle_seed), int(augment_seed)
 
 
+def _batched_train_dataset(data_config: ml_collections.ConfigDict, source, *, image_size: int,
+                           batch_size: int, seed: int, shard_index: int,
+                           shard_count: int) -> grain.IterDataset:
+  """One resolution's shuffled, augmented batches of one shard (no worker processes)."""
+  shuffle_seed, augment_seed = _derive_seeds(seed)
+  ds = shuffled_shard(source, seed=shuffle_seed, shard_index=shard_index,
+                      shard_count=shard_count, unit='records')
+  transform = ImageTransform(image_size, data_config.resize_mode, data_config.flip)
+  ds = ds.random_map(transform, seed=augment_seed)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
+                                            prefetch_buffer_size=max(batch_size, 16)))
+  it = _SkipCountingIterDataset(it, max_consecutive_skips(source))
+  return it.batch(batch_size, drop_remainder=True)
+
+
+def train_buckets(data_config: ml_collections.ConfigDict,
+                  global_batch_size: int) -> tuple[tuple[int, int], ...]:
+  """(side, global batch) of every train resolution: `resolution_buckets`, or one bucket."""
+  return (parse_resolution_buckets(data_config.resolution_buckets)
+          or ((data_config.image_size, global_batch_size),))
+
+
 def build_train_dataset(data_config: ml_collections.ConfigDict, *, batch_size: int,
                         seed: int, shard_index: int = 0, shard_count: int = 1
                         ) -> grain.IterDataset:
@@ -164,30 +186,40 @@ def build_train_dataset(data_config: ml_collections.ConfigDict, *, batch_size: i
 
   Args:
     data_config: the `data` config (fields in `data_config.py`).
-    batch_size: batch size of this shard.
+    batch_size: batch size of this shard (single-resolution training).
     seed: root seed; the shuffle and augmentation seeds derive from it.
     shard_index: this shard, in [0, shard_count); it reads records
       `shard_index::shard_count` of the source.
     shard_count: number of shards (hosts).
 
   Returns:
-    A grain IterDataset of `{'image': float32 (batch_size, s, s, 3) in [-1, 1],
-    'skipped': int32 (batch_size,)}` with `s = data_config.image_size`.
+    A grain IterDataset of `{'image': float32 (b, s, s, 3) in [-1, 1], 'skipped': int32
+    (b,)}` with `s = data_config.image_size` and b = batch_size, or, with
+    `resolution_buckets`, batches of each bucket's side and its global batch / shard_count
+    in turn (bucket 0, 1, ..., 0, 1, ...; a deterministic, checkpointable round robin), so
+    that a jitted step compiles once per bucket.
   """
   validate_data_config(data_config)
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
   source = make_source(data_config, 'train')
-  shuffle_seed, augment_seed = _derive_seeds(seed)
-  ds = shuffled_shard(source, seed=shuffle_seed, shard_index=shard_index,
-                      shard_count=shard_count, unit='records')
-  transform = ImageTransform(data_config.image_size, data_config.resize_mode,
-                             data_config.flip)
-  ds = ds.random_map(transform, seed=augment_seed)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
-                                            prefetch_buffer_size=max(batch_size, 16)))
-  it = _SkipCountingIterDataset(it, max_consecutive_skips(source))
-  return prefetch_in_workers(it.batch(batch_size, drop_remainder=True), data_config)
+  buckets = parse_resolution_buckets(data_config.resolution_buckets)
+  if not buckets:
+    it = _batched_train_dataset(data_config, source, image_size=data_config.image_size,
+                                batch_size=batch_size, seed=seed, shard_index=shard_index,
+                                shard_count=shard_count)
+    return prefetch_in_workers(it, data_config)
+  per_bucket = []
+  for i, (side, global_batch) in enumerate(buckets):
+    if global_batch % shard_count:
+      raise ValueError(f'data_config.resolution_buckets: global batch {global_batch} of the '
+                       f'{side} px bucket is not divisible by {shard_count} hosts')
+    # Each bucket its own seed, so the buckets do not see the same crops in the same order.
+    per_bucket.append(_batched_train_dataset(
+        data_config, source, image_size=side, batch_size=global_batch // shard_count,
+        seed=seed + 7919 * i, shard_index=shard_index, shard_count=shard_count))
+  return prefetch_in_workers(grain.IterDataset.mix(per_bucket, [1.0] * len(buckets)),
+                             data_config)
 
 
 def build_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,

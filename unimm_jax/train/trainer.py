@@ -2,9 +2,10 @@
 
 The trainer knows nothing about a particular model; a task (config.task) supplies
 `init(rng)`, `load_frozen()`, `train_step(state, frozen, batch, rng)`, `batch_ndims()`
-(batch arrays by name and rank, all batch-leading), `train_iterator(seed)` (a checkpointable
-Grain iterator of host-local batches with a `skipped` count), `throughput_unit` and
-`items_per_batch` (images or tokens per step), and `evaluator(setup, writer, workdir)`
+(batch arrays by name and rank, all batch-leading), `global_batch_sizes()` (every global
+batch size its data yields), `train_iterator(seed)` (a checkpointable Grain iterator of
+host-local batches with a `skipped` count), `throughput_unit` and `count_items(host_batch)`
+(images or tokens in a host batch), and `evaluator(setup, writer, workdir)`
 (see `unimm_jax.train.evaluators`).
 """
 import functools
@@ -53,9 +54,11 @@ class Setup:
     self.rules = tuple(tuple(r) for r in config.sharding_rules)
     self.task = tasks.build_task(config)
     batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    if config.train.batch_size % batch_shards:
-      raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible "
-                       f"by the mesh's data x fsdp = {batch_shards}")
+    for size in self.task.global_batch_sizes():
+      if size % batch_shards:
+        raise ValueError(f"global batch size {size} (config.train.batch_size, or a "
+                         "config.data.resolution_buckets entry) is not divisible by the "
+                         f"mesh's data x fsdp = {batch_shards}")
     self.init_rng, self.train_rng = jax.random.split(jax.random.key(config.seed))
     # Outside `activate()`: under logical rules Flax would constrain each freshly boxed
     # param inside init; the jitted init's out_shardings already place them.
@@ -79,6 +82,22 @@ class Setup:
     init = jax.jit(lambda rng: nn.unbox(self.task.init(rng)),
                    out_shardings=self.state_shardings)
     return init(self.init_rng)
+
+  def start_from_run(self, state, workdir: str):
+    """`state` with the params, EMA params and task state (e.g. the discriminator) of the
+    latest checkpoint in `workdir`; step, optimiser state and counters start anew. This is
+    how a curriculum stage starts from the previous stage (`config.train.init_from`)."""
+    checkpointer = checkpointing.Checkpointer(workdir, keep=1, save_every=1)
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"config.train.init_from={workdir!r}: no checkpoint in "
+                              f"{workdir}/checkpoints")
+    with self.activate():
+      previous, _ = checkpointer.restore(step, self.abstract_state)
+    checkpointer.close()
+    logging.info("initialised from step %d of %s", step, workdir)
+    return state.replace(params=previous.params, ema_params=previous.ema_params,
+                         extra=previous.extra)
 
   @functools.cached_property
   def frozen(self):
@@ -146,7 +165,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
   latest = checkpointer.latest_step()
   if latest is None:
     state, progress = setup.init_state(), {"skipped_records": 0}
-    logging.info("starting from scratch in %s", workdir)
+    if tc.init_from:
+      state = setup.start_from_run(state, tc.init_from)
+    logging.info("starting %s in %s", f"from {tc.init_from}" if tc.init_from else "from scratch",
+                 workdir)
   else:
     with setup.activate():
       state, progress = checkpointer.restore(latest, setup.abstract_state, data_iter)
@@ -169,6 +191,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
 
   nonfinite_seen, consecutive_bad = int(jax.device_get(state.nonfinite_steps)), 0
   last_log_step, last_log_time = step, time.perf_counter()
+  items_since_log = 0  # images or tokens over all hosts since the last log
   saved_step, first_step = latest, step
   try:
     while step < tc.steps and not preemption.requested:
@@ -178,10 +201,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
       with jax.profiler.StepTraceAnnotation("train", step_num=step), setup.activate():
         state, metrics = train_step(state, setup.frozen, batch, setup.train_rng)
       step += 1
+      items_since_log += setup.task.count_items(host_batch) * jax.process_count()
       report(step)
       if step == first_step + 1:  # throughput is measured from after compilation
         jax.block_until_ready(state)
-        last_log_step, last_log_time = step, time.perf_counter()
+        last_log_step, last_log_time, items_since_log = step, time.perf_counter(), 0
 
       if step % tc.log_every == 0 or step == tc.steps:
         metrics, nonfinite_total = jax.device_get((metrics, state.nonfinite_steps))
@@ -190,15 +214,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
         flat.update({"data/skipped_records": progress["skipped_records"],
                      "nonfinite_steps": int(nonfinite_total)})
         if step > last_log_step:  # not on the first step, whose time is compilation
-          steps_per_sec = (step - last_log_step) / (now - last_log_time)
-          flat.update({"steps_per_sec": steps_per_sec,
-                       f"{unit}_per_sec": steps_per_sec * setup.task.items_per_batch})
+          flat.update({"steps_per_sec": (step - last_log_step) / (now - last_log_time),
+                       f"{unit}_per_sec": items_since_log / (now - last_log_time)})
         writer.write_scalars(step, flat)
         consecutive_bad = _check_nonfinite(
             int(nonfinite_total) - nonfinite_seen, step - last_log_step, consecutive_bad,
             tc.max_nonfinite_steps, step, checkpointer.latest_step())
         nonfinite_seen = int(nonfinite_total)
-        last_log_step, last_log_time = step, now
+        last_log_step, last_log_time, items_since_log = step, now, 0
         speed = (f" {flat[f'{unit}_per_sec']:.1f} {unit}/s" if f"{unit}_per_sec" in flat
                  else "")
         print(f"step {step}/{tc.steps} loss {flat['loss']:.4f}{speed}", flush=True)

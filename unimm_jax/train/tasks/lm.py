@@ -66,10 +66,15 @@ class LMTask:
       raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than "
                        f"the tokenizer's {self.tokenizer.vocab_size} ids")
     self.tx, self.lr_schedule = optimizers.make_optimizer(config.optim, config.train.steps)
-    self.items_per_batch = config.train.batch_size * config.data.seq_len
 
   def batch_ndims(self) -> dict[str, int]:
     return {name: 2 for name in BATCH_FIELDS}
+
+  def global_batch_sizes(self) -> list[int]:
+    return [self.config.train.batch_size]
+
+  def count_items(self, host_batch: dict) -> int:
+    return host_batch["tokens"].size
 
   def train_iterator(self, seed: int):
     """This host's packed rows, checkpointable; document order from data.shuffle_seed."""

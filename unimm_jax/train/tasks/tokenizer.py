@@ -41,7 +41,6 @@ class TokenizerTask:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.items_per_batch = config.train.batch_size
     self.model = registry.build_tokenizer(config.model)
     self.tx, self.lr_schedule = optimizers.make_optimizer(config.optim, config.train.steps)
     self.adversary = adversarial.Adversary(config.disc) if config.loss.gan else None
@@ -49,6 +48,12 @@ class TokenizerTask:
 
   def batch_ndims(self) -> dict[str, int]:
     return {"image": 4}
+
+  def global_batch_sizes(self) -> list[int]:
+    return [b for _, b in pipeline.train_buckets(self.config.data, self.config.train.batch_size)]
+
+  def count_items(self, host_batch: dict) -> int:
+    return host_batch["image"].shape[0]
 
   def train_iterator(self, seed: int):
     """This host's batches {'image': (b, h, w, 3), 'skipped': (b,)}, checkpointable."""
