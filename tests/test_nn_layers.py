@@ -147,7 +147,7 @@ def test_adaptive_group_norm_matches_numpy(channels):
   params = jax.tree.map(lambda p: p + ramp(p), variables['params'])
   got = jax.jit(module.apply)({'params': params}, x, z)
   mean = z.mean(axis=(1, 2))
-  std = np.sqrt(z.var(axis=(1, 2)) + 1e-6)
+  std = np.sqrt(z.var(axis=(1, 2), ddof=1) + 1e-6)  # unbiased, as torch's .var()
   scale = std @ params['gamma']['kernel'] + params['gamma']['bias']
   bias = mean @ params['beta']['kernel'] + params['beta']['bias']
   normed = _reference_group_norm(x, num_groups_for(channels))

@@ -74,7 +74,9 @@ class AdaptiveGroupNorm(nn.Module):
   """GroupNorm without affine, modulated by statistics of the quantized latent (the "style").
 
   scale = Dense(sqrt(var_hw(z) + eps)), bias = Dense(mean_hw(z)), both per sample, where the
-  mean and (biased) variance are taken over the latent's spatial positions per channel;
+  mean and the unbiased variance (divided by h'w' - 1, as torch's `.var()` default in the
+  authors' code, whose weights depend on it; h'w' - 1 is floored at 1 so a 1x1 latent
+  gives 0, not NaN) are taken over the latent's spatial positions per channel;
   out = scale * GroupNorm(x) + bias. The two Dense layers are `gamma` and `beta` as in the
   authors' code (with bias).
 
@@ -90,7 +92,9 @@ class AdaptiveGroupNorm(nn.Module):
     channels = x.shape[-1]
     style32 = style.astype(jnp.float32)
     mean = jnp.mean(style32, axis=(1, 2))
-    std = jnp.sqrt(jnp.var(style32, axis=(1, 2)) + self.epsilon)
+    positions = style.shape[1] * style.shape[2]
+    variance = jnp.var(style32, axis=(1, 2)) * positions / max(positions - 1, 1)
+    std = jnp.sqrt(variance + self.epsilon)
 
     def modulation(name: str) -> nn.Dense:
       # Maps z channels to feature channels: a 1x1 "conv" across the latent, hence conv axes.
