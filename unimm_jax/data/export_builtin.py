@@ -1,6 +1,6 @@
 r"""Writes builtin images (scikit-image's photos) as PNG files, e.g. to try --mode=encode.
 
-  python -m unimm_jax.data.export_builtin --output=DIR [--names=eval]
+  python -m unimm_jax.data.export_builtin --output=DIR [--names=eval] [--max_side=256]
 
 --names takes what `config.data.builtin_names` takes (names or named sets such as
 'photos' and 'faces_text'), or 'eval' for the held-out photos the train split never sees.
@@ -17,6 +17,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Folder to write NAME.png files in
                               required=True)
 _NAMES = flags.DEFINE_string("names", "eval", "Builtin names or sets, comma-separated; "
                              "'eval' = the held-out photos.")
+_MAX_SIDE = flags.DEFINE_integer("max_side", 0, "Resize (Lanczos) so the longer side is this "
+                                 "many pixels, keeping the aspect ratio; 0 keeps the size.")
 
 
 def main(argv):
@@ -25,8 +27,12 @@ def main(argv):
            else builtin_images.expand_builtin_names(_NAMES.value))
   os.makedirs(_OUTPUT.value, exist_ok=True)
   for name in names:
-    Image.fromarray(builtin_images.load_builtin(name)).save(
-        os.path.join(_OUTPUT.value, f"{name}.png"))
+    image = Image.fromarray(builtin_images.load_builtin(name))
+    if _MAX_SIDE.value:
+      scale = _MAX_SIDE.value / max(image.size)
+      image = image.resize((round(image.width * scale), round(image.height * scale)),
+                           Image.LANCZOS)
+    image.save(os.path.join(_OUTPUT.value, f"{name}.png"))
   print(f"wrote {len(names)} images to {_OUTPUT.value}")
 
 

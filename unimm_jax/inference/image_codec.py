@@ -22,8 +22,7 @@ def load_centre_cropped(path: str, factor: int) -> np.ndarray:
   if h == 0 or w == 0:
     raise ValueError(f"{path} ({pixels.shape[0]}x{pixels.shape[1]}) is smaller than the "
                      f"downsampling factor {factor}")
-  top, left = (pixels.shape[0] - h) // 2, (pixels.shape[1] - w) // 2
-  return pixels[top:top + h, left:left + w] / 127.5 - 1.0
+  return image_io.centre_crop(pixels, h, w) / 127.5 - 1.0
 
 
 def encode_folder(encode_fn, input_dir: str, output_file: str, factor: int,
