@@ -8,7 +8,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-source launch/setup_env.sh
+source launch/setup_env.sh ""  # no extras (and not this script's own arguments)
 ROOT="${1:-$REPO/workdir_curriculum}"
 export TF_CPP_MIN_LOG_LEVEL=2
 CONFIG=configs/uniwetok.py

@@ -6,7 +6,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-source launch/setup_env.sh
+source launch/setup_env.sh ""  # no extras (and not this script's own arguments)
 WORKDIR="${1:-$REPO/workdir_demo}"
 shift || true
 export TF_CPP_MIN_LOG_LEVEL=2
