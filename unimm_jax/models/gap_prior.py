@@ -1,0 +1,321 @@
+"""Generative-Aware Prior (UniWeTok eq 7): a tiny BitDance that models the tokenizer's latents.
+
+L_GAP = E ||U_B - B([Query, U_B[:-1]], eps, t)||^2: the quantized latents U_Q (b, h, w, d) are
+flattened row-major to U_B (b, h*w, d); a causal transformer reads [Query, U_B[:-1]] so that
+its output at position j sees only U_B[:j], and a per-token diffusion head denoises U_B[j]
+from z_t conditioned on that output. The loss is added to the tokenizer's with weight mu
+(eq 8); its gradient reaches the tokenizer through both the transformer's inputs and the
+diffusion targets (eq 7 has no stop-gradient), which is what shapes the latent space. The
+prior is used only in training: inference runs the tokenizer alone (paper appendix B).
+
+Where each choice comes from:
+- [paper sec 3.1, Table 5, Tables 25-27] the query switch. "Query token allows the model not
+  to miss the prediction of the first token", so without it the sequence is U_B[:-1] alone and
+  the targets are U_B[1:]: the first token is never predicted (the row that hurt gFID).
+- [paper appendix B] "BitDance-T", ~8.6M parameters; its configuration is not published (the
+  BitDance code defines B, L and H only). `GAPPriorConfig.paper()` keeps BitDance's shape
+  (head_dim 64 as in B/L/H; head width = transformer width; one adaLN shared by the head's
+  blocks) and picks width 256, 8 blocks, a 3-block head: 8.50M parameters at d = 128.
+- [code: BitDance imagenet_gen/src/model.py `BitDance`] a SwiGLU connector with biases
+  (hidden 1.5 * width) embeds each latent; the query is a learned vector (their class
+  embedding with one class), N(0, 0.02); an RMSNorm follows the embedding and the last
+  block; blocks are pre-RMSNorm causal attention + SwiGLU; 2D RoPE with the query at
+  position 0 and input token U_B[j] at the grid position of cell j.
+- [code: diff_head.py `MlpEncoder`, flow_head_parallel_x.py] the head: input projection,
+  timestep MLP on a 256-wide sinusoid of 1000 t, condition projection, y = silu(t + c);
+  residual blocks LayerNorm -> x (1 + scale) + shift -> SwiGLU (hidden 1.5 * width) -> x gate;
+  final adaLN LayerNorm and linear; adaLN and output layers start at zero; x-prediction
+  through 2 * sigmoid - 1. Loss: `unimm_jax.losses.diffusion`. `noise_repeats` is their
+  `diff_batch_mul` (4): every target is denoised at that many (t, eps) draws.
+- [open] grid positions use the decoder's 8x8 normalisation of `unimm_jax.nn.rope`, which
+  equals BitDance's (i + 0.5) at the paper's 8x8 grid and stays in range at other
+  resolutions; for the same reason BitDance's learned per-position embedding added to the
+  head's condition (`pos_for_diff`, fixed length) is replaced by a fixed 2D sin-cos
+  embedding of the target cell's position. Transformer kernels use the library's
+  PyTorch-default init rather than BitDance's N(0, 0.02).
+"""
+import dataclasses
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm_jax.losses import diffusion
+from unimm_jax.nn import initializers
+from unimm_jax.nn.dtypes import compute_dtype
+from unimm_jax.nn.mlp import SwiGLU, swiglu_hidden_dim
+from unimm_jax.nn.norms import RMSNorm
+from unimm_jax.nn.rope import GridPositions, apply_rope, grid_positions, rope_2d_angles
+
+Dtype = Any
+TIME_FREQUENCY_DIM = 256  # BitDance's TimestepEmbedder frequency_embedding_size
+
+
+@dataclasses.dataclass(frozen=True)
+class GAPPriorConfig:
+  """Shape of the prior; the defaults are the paper's (`paper()`).
+
+  latent_dim: d, bits per token (g * d' = 128 in the paper).
+  width, depth, num_heads: the causal transformer (head_dim = width / num_heads, a multiple
+    of 4 for 2D RoPE).
+  head_width, head_depth, head_adaln_blocks: the diffusion head; consecutive head blocks
+    share one adaLN projection, head_depth / head_adaln_blocks blocks each.
+  use_query_token: the Table 5 switch (see the module docstring).
+  noise_repeats: (t, eps) draws per target token.
+  t_mean, t_std: logit-normal timestep distribution.
+  dtype: compute dtype name; params and the loss stay float32.
+  """
+  latent_dim: int = 128
+  width: int = 256
+  depth: int = 8
+  num_heads: int = 4
+  head_width: int = 256
+  head_depth: int = 3
+  head_adaln_blocks: int = 1
+  use_query_token: bool = True
+  noise_repeats: int = 4
+  t_mean: float = diffusion.P_MEAN
+  t_std: float = diffusion.P_STD
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.width % self.num_heads or (self.width // self.num_heads) % 4:
+      raise ValueError(f'width={self.width} / num_heads={self.num_heads} must be a head_dim '
+                       'divisible by 4 (2D RoPE)')
+    if self.head_adaln_blocks < 1 or self.head_depth % self.head_adaln_blocks:
+      raise ValueError(f'head_adaln_blocks={self.head_adaln_blocks} must divide '
+                       f'head_depth={self.head_depth}')
+    if self.noise_repeats < 1:
+      raise ValueError(f'noise_repeats={self.noise_repeats} must be at least 1')
+    compute_dtype(self.dtype, 'gap_prior.dtype')
+
+  @classmethod
+  def paper(cls, **overrides) -> 'GAPPriorConfig':
+    """BitDance-T over 16 x 8 = 128 bits: 8.50M parameters (the paper: 8.6M); see the module
+    docstring."""
+    return cls(**overrides)
+
+
+def timestep_embedding(t: jax.Array, dim: int = TIME_FREQUENCY_DIM,
+                       max_period: float = 10000.0) -> jax.Array:
+  """BitDance's sinusoid of 1000 t: [cos(1000 t f_k), sin(1000 t f_k)], f_k = max_period^(-k/half).
+
+  Shapes: t (...) -> (..., dim) float32.
+  """
+  half = dim // 2
+  freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = 1000.0 * t.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_2d_embedding(positions: np.ndarray, dim: int) -> np.ndarray:
+  """Fixed embedding of 2D positions: [sin(x w), cos(x w), sin(y w), cos(y w)], w_k =
+  10000^(-k / (dim / 4)). Shapes: positions (n, 2) -> (n, dim) float32 (numpy, trace time)."""
+  quarter = dim // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  parts = []
+  for axis in range(2):
+    args = positions[:, axis:axis + 1].astype(np.float64) * omega[None]
+    parts += [np.sin(args), np.cos(args)]
+  return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Dtype,
+           init: str = 'torch') -> nn.Dense:
+  """Dense with bias; init 'torch' (library default), 'xavier' or 'zeros' (BitDance's head)."""
+  kernel = {'torch': initializers.torch_default_kernel_init,
+            'xavier': nn.initializers.xavier_uniform(),
+            'zeros': initializers.zeros_init}[init]
+  return nn.Dense(features, dtype=dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(kernel, axes),
+                  bias_init=initializers.zeros(axes[1]))
+
+
+class CausalSelfAttention(nn.Module):
+  """Bias-free causal multi-head self-attention with RoPE, laid out as
+  `unimm_jax.nn.attention.MultiHeadAttention` (kernels query/key/value (embed, heads, kv),
+  out (heads, kv, embed)), which has no causal mask.
+
+  Shapes: x (b, s, d), angles (s, head_dim // 2) -> (b, s, d).
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+    dim = x.shape[-1]
+    head_dim = dim // self.num_heads
+    init = initializers.kernel_init_axes(('embed', 'heads', 'kv'), in_axis=0, out_axis=(1, 2))
+
+    def project(name: str) -> jax.Array:
+      kernel = self.param(name, init, (dim, self.num_heads, head_dim))
+      out = jnp.einsum('bsd,dhk->bshk', x.astype(self.dtype), kernel.astype(self.dtype))
+      return nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
+
+    q, k, v = (apply_rope(project('query'), angles), apply_rope(project('key'), angles),
+               project('value'))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out_init = initializers.kernel_init_axes(('heads', 'kv', 'embed'), in_axis=(0, 1), out_axis=2)
+    w_out = self.param('out', out_init, (self.num_heads, head_dim, dim))
+    return jnp.einsum('bshk,hkd->bsd', out, w_out.astype(self.dtype))
+
+
+class CausalBlock(nn.Module):
+  """Pre-RMSNorm block, causal attention and SwiGLU (BitDance layers.py `TransformerBlock`,
+  parameter names as `unimm_jax.nn.transformer.TransformerBlock`). (b, s, d) -> (b, s, d)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
+    h = x + CausalSelfAttention(self.num_heads, self.dtype, name='attention')(
+        RMSNorm(dtype=self.dtype, name='attention_norm')(x), angles)
+    out = h + SwiGLU(swiglu_hidden_dim(x.shape[-1]), dtype=self.dtype, name='feed_forward')(
+        RMSNorm(dtype=self.dtype, name='ffn_norm')(h))
+    return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
+
+
+class AdaLNResBlock(nn.Module):
+  """x + gate * SwiGLU(LayerNorm(x) * (1 + scale) + shift) (BitDance diff_head.py `ResBlock`;
+  its SwiGLU has biases, this one is the library's bias-free SwiGLU).
+
+  Shapes: x, scale, shift, gate (b, m, width) -> (b, m, width).
+  """
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, scale: jax.Array, shift: jax.Array,
+               gate: jax.Array) -> jax.Array:
+    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, scale_init=initializers.ones('embed'),
+                     bias_init=initializers.zeros('embed'), name='norm')(x)
+    h = SwiGLU(int(1.5 * x.shape[-1]), dtype=self.dtype, name='mlp')(h * (1 + scale) + shift)
+    return x + gate * h
+
+
+class DiffusionHead(nn.Module):
+  """Per-token x-prediction network (BitDance `MlpEncoder` with the 2 * sigmoid - 1 output of
+  flow_head_parallel_x.py).
+
+  Shapes: z_t (b, m, d) noisy latents, t (b, m) timesteps, cond (b, m, c) transformer
+  features -> x estimate (b, m, d) float32 in (-1, 1).
+  """
+  width: int
+  depth: int
+  adaln_blocks: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z_t: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
+    chex.assert_rank([z_t, t, cond], [3, 2, 3])
+    d, dt = z_t.shape[-1], self.dtype
+    x = _dense(self.width, (None, 'embed'), 'input_proj', dt, 'xavier')(z_t.astype(dt))
+    # Everything at the head's width is 'embed'; the inputs of the width-to-width projections
+    # stay unnamed (one mesh axis cannot shard both sides of a kernel).
+    time_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'embed'))
+    t_emb = nn.Dense(self.width, dtype=dt, kernel_init=time_init,
+                     bias_init=initializers.zeros('embed'), name='time_in')(
+                         timestep_embedding(t).astype(dt))
+    t_emb = nn.Dense(self.width, dtype=dt, kernel_init=time_init,
+                     bias_init=initializers.zeros('embed'), name='time_out')(nn.silu(t_emb))
+    c_emb = _dense(self.width, (None, 'embed'), 'cond_embed', dt, 'xavier')(cond.astype(dt))
+    y = nn.silu(t_emb + c_emb)
+    blocks_per_adaln = self.depth // self.adaln_blocks
+    for i in range(self.depth):
+      if i % blocks_per_adaln == 0:
+        # Zero-init modulation: every block starts as the identity (gate 0).
+        modulation = _dense(3 * self.width, ('embed', 'mlp'), f'adaln_{i // blocks_per_adaln}',
+                            dt, 'zeros')(y)
+        scale, shift, gate = jnp.split(modulation, 3, axis=-1)
+      x = AdaLNResBlock(dt, name=f'res_blocks_{i}')(x, scale, shift, gate)
+    scale, shift = jnp.split(_dense(2 * self.width, ('embed', 'mlp'), 'final_adaln', dt,
+                                    'zeros')(y), 2, axis=-1)
+    x = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dt,
+                     name='final_norm')(x) * (1 + scale) + shift
+    out = _dense(d, ('embed', None), 'final_linear', dt, 'zeros')(x)
+    return 2.0 * jax.nn.sigmoid(out.astype(jnp.float32)) - 1.0
+
+
+class GAPPrior(nn.Module):
+  """The Generative-Aware Prior: causal transformer + per-token diffusion head.
+
+  `__call__(latents)` -> (loss, metrics); `features(latents)` -> (conditions, targets).
+  latents: U_Q (b, h, w, d) in {-1, +1} (the straight-through quantized latents). With
+  use_query_token m = h * w targets (all of U_B), without it m = h * w - 1 (U_B[1:]).
+  The loss draws t and eps from the 'noise' rng stream: apply(..., rngs={'noise': key}).
+  """
+  config: GAPPriorConfig
+
+  def setup(self):
+    cfg = self.config
+    dt = compute_dtype(cfg.dtype, 'gap_prior.dtype')
+    hidden = int(1.5 * cfg.width)
+    self.connector_in = _dense(2 * hidden, (None, 'mlp'), 'connector_in', dt)
+    self.connector_out = _dense(cfg.width, ('mlp', 'embed'), 'connector_out', dt)
+    if cfg.use_query_token:
+      self.query = self.param('query', initializers.normal(0.02, 'embed'), (cfg.width,))
+    self.embed_norm = RMSNorm(dtype=dt)
+    self.blocks = [CausalBlock(cfg.num_heads, dt) for _ in range(cfg.depth)]
+    self.final_norm = RMSNorm(dtype=dt)
+    self.head = DiffusionHead(cfg.head_width, cfg.head_depth, cfg.head_adaln_blocks, dt)
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    """BitDance's `MLPConnector`: (b, s, d) -> (b, s, width)."""
+    gate, up = jnp.split(self.connector_in(tokens), 2, axis=-1)
+    return self.connector_out(nn.silu(gate) * up)
+
+  def features(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Head conditions aligned with their targets.
+
+    Returns: conditions (b, m, width), where row j depends on U_B[:target j] only, and
+    targets (b, m, d) float32.
+    """
+    cfg = self.config
+    chex.assert_rank(latents, 4)
+    b, h, w, d = latents.shape
+    if d != cfg.latent_dim:
+      raise ValueError(f'latents have {d} channels, the prior expects latent_dim={cfg.latent_dim}')
+    if h * w < 2:
+      raise ValueError(f'a {h}x{w} grid has no next token to predict')
+    tokens = latents.reshape(b, h * w, d).astype(jnp.float32)
+    x = self._embed(tokens[:, :-1])
+    num_prefix = 1 if cfg.use_query_token else 0
+    if cfg.use_query_token:
+      query = jnp.broadcast_to(self.query.astype(x.dtype), (b, 1, cfg.width))
+      x = jnp.concatenate([query, x], axis=1)
+    x = nn.with_logical_constraint(self.embed_norm(x), ('batch', 'length', 'embed'))
+    # Static shapes only: numpy at trace time, constants in XLA. Input token U_B[j] sits at
+    # cell j; the query, when present, at position 0 (as BitDance's class tokens).
+    cells = grid_positions(h, w, GridPositions.DECODER)
+    angles = rope_2d_angles(cells, cfg.width // cfg.num_heads, num_prefix=num_prefix)[:-1]
+    for block in self.blocks:
+      x = block(x, jnp.asarray(angles))
+    target_cells = cells[1 - num_prefix:]
+    x = self.final_norm(x) + jnp.asarray(sincos_2d_embedding(target_cells, cfg.width), x.dtype)
+    return x, tokens[:, 1 - num_prefix:]
+
+  def __call__(self, latents: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """latents (b, h, w, d) -> (float32 scalar loss, metrics of float32 scalars).
+
+    metrics: `x_mse`, the mean squared error of the x estimate, and `bit_accuracy`, how often
+    its sign matches the target bit (both at the sampled timesteps, for logging only).
+    """
+    cfg = self.config
+    cond, target = self.features(latents)
+    # Every target is denoised at `noise_repeats` independent (t, eps) draws, stacked on the
+    # batch axis; one t per token.
+    cond = jnp.tile(cond, (cfg.noise_repeats, 1, 1))
+    target = jnp.tile(target, (cfg.noise_repeats, 1, 1))
+    t_key, eps_key = jax.random.split(self.make_rng('noise'))
+    t = diffusion.sample_logit_normal_t(t_key, target.shape[:2], cfg.t_mean, cfg.t_std)
+    eps = jax.random.normal(eps_key, target.shape, jnp.float32)
+    z_t = diffusion.flow_interpolate(target, eps, t[..., None])
+    pred_x = self.head(z_t, t, cond)
+    loss = diffusion.x_prediction_velocity_loss(pred_x, target, z_t, t[..., None])
+    pred_sg, target_sg = jax.lax.stop_gradient(pred_x), jax.lax.stop_gradient(target)
+    metrics = {'x_mse': jnp.mean(jnp.square(pred_sg - target_sg)),
+               'bit_accuracy': jnp.mean((jnp.sign(pred_sg) == jnp.sign(target_sg))
+                                        .astype(jnp.float32))}
+    return loss, metrics
