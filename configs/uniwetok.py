@@ -14,6 +14,8 @@ previous stage's workdir>:
            resolutions, so this pair is our default), one compiled step per bucket.
   stage3   annealing on faces and text: the built-in face and text images (user data: point
            config.data at them), cosine decay of the learning rate to 0.
+Ablation rows tableN_rowM (Tables 1-7, e.g. `tiny,table1_row3`): see the comment above
+_TABLE_SETTINGS; rows with distillation need --config.teacher.path.
 
 Any field can be overridden on the command line, e.g.
   python -m unimm_jax.main --config=configs/uniwetok.py:demo --workdir=/tmp/run \
@@ -59,7 +61,20 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       commitment=0.0,
       perceptual=1.0,  # LPIPS (VGG); needs config.lpips.path
       gan=0.1,  # generator's adversarial term; 0 trains without a discriminator
+      # Eq 8: L_WeTok + theta * (L_pre + eta * L_post) + mu * L_GAP. pre_distill = theta,
+      # post_distill = theta * eta, gap = mu (SPECS 1: theta = eta = mu = 1 when on); the
+      # distillation terms need config.teacher.path.
+      pre_distill=0.0,
+      post_distill=0.0,
+      gap=0.0,
   ))
+  # AttnPool_pre / AttnPool_post (models/attention_pool.py): 'linear' (ImageNet rows) or
+  # 'attention' (DataComp rows, Table 6); width 0 = the teacher's pooled width.
+  config.distill = ml_collections.ConfigDict(dict(head="linear", num_heads=16, width=0))
+  # The Generative-Aware Prior, "BitDance-T" (models/gap_prior.py; 8.5M params at 128 bits).
+  config.gap_prior = ml_collections.ConfigDict(dict(
+      width=256, depth=8, num_heads=4, head_width=256, head_depth=3, head_adaln_blocks=1,
+      use_query_token=True, noise_repeats=4, t_mean=-0.8, t_std=0.8, dtype="float32"))
   config.lpips = ml_collections.ConfigDict(dict(
       path="",  # safetensors of the lpips package's state dict (README: LPIPS weights)
       allow_random=False,  # random VGG trunk: smoke tests only, not a perceptual loss
@@ -128,6 +143,9 @@ def _tiny(config):
   m.ch, m.ch_mult, m.num_res_blocks = 16, (1, 2, 2), 1
   m.num_attn_blocks, m.num_heads = 1, 2
   m.groups, m.group_bits = 4, 4
+  config.distill.num_heads = 2
+  config.gap_prior.update(dict(width=32, depth=1, num_heads=2, head_width=32, head_depth=1,
+                               noise_repeats=1))
   config.data.source = "synthetic"
   config.data.image_size = 32
   config.data.num_workers = 0
@@ -162,5 +180,83 @@ def _stage3(config):
   config.optim.schedule = "cosine"
 
 
+# ----------------------------------------------------------------------------------------
+# Ablation rows: every row of UniWeTok's ablation Tables 1-7 as a config variant, from the
+# appendix setting Tables 14-33.
+#
+# `configs/uniwetok.py:tableN_rowM` selects a row; after a size (`tiny,table1_row2`) it keeps
+# that size and switches only the methods. Rows set:
+#   model.siglu, model.double_channel_downsample ("bottleneck channel double"),
+#   model.num_res_blocks / num_attn_blocks (Table 7 backbones), loss.pre_distill /
+#   loss.post_distill (theta = eta = 1 when on, SPECS 1), distill.head, loss.gap (mu = 1 when
+#   the prior model is BitDance-T), gap_prior.use_query_token, and the paper's global batch
+#   (applied only at the paper's own batch of 128 or more: tiny and demo keep theirs).
+# Without SigLu the commitment loss is on at WeTok's 0.25 (with SigLu the paper sets it to 0).
+# Rows with a distillation term need `config.teacher.path` (ViT-SO400M-16-SigLIP2-384 in the
+# paper). The training data (ImageNet-1K for Tables 1-5, DataComp-1B for 6-7) is the user's
+# `config.data`; rows do not change it.
+#
+# Appendix Table 18 ("Post distillation", Table 2 row 2) lists pre distillation True; the
+# row's name says post only. The row follows the appendix's setting table, as every row here.
+# appendix table -> (siglu, pre, post, head, gap, query, batch, double_channel, res, attn)
+_TABLE_SETTINGS = {
+    14: (False, False, False, "linear", False, False, 128, True, 2, 16),
+    15: (True, True, True, "linear", False, False, 128, True, 2, 16),
+    16: (True, True, True, "linear", True, True, 128, True, 2, 16),
+    17: (False, True, False, "linear", False, False, 128, True, 2, 16),
+    18: (False, True, True, "linear", False, False, 128, True, 2, 16),
+    19: (True, False, True, "linear", False, False, 128, True, 2, 16),
+    20: (True, True, False, "linear", False, False, 128, True, 2, 16),
+    21: (True, False, True, "linear", False, False, 128, True, 2, 16),
+    22: (True, True, True, "linear", False, False, 128, True, 2, 16),
+    23: (True, True, True, "linear", False, False, 128, False, 2, 16),
+    24: (True, True, True, "linear", False, False, 128, True, 2, 16),
+    25: (True, True, True, "linear", False, False, 128, True, 2, 16),
+    26: (True, True, True, "linear", True, False, 128, True, 2, 16),
+    27: (True, True, True, "linear", True, True, 128, True, 2, 16),
+    28: (True, True, True, "linear", True, True, 128, True, 2, 0),
+    29: (True, True, True, "attention", True, True, 128, True, 2, 0),
+    30: (True, True, True, "attention", True, True, 1024, True, 2, 0),
+    31: (True, True, True, "attention", True, True, 1024, True, 2, 0),
+    32: (True, True, True, "attention", True, True, 1024, True, 0, 16),
+    33: (True, True, True, "attention", True, True, 1024, True, 2, 16),
+}
+
+# Table N row M -> appendix setting table (Table 6 rows 2 and 3 are the same run).
+TABLE_ROWS = {
+    "table1_row1": 14, "table1_row2": 15, "table1_row3": 16,
+    "table2_row1": 17, "table2_row2": 18, "table2_row3": 19,
+    "table3_row1": 20, "table3_row2": 21, "table3_row3": 22,
+    "table4_row1": 23, "table4_row2": 24,
+    "table5_row1": 25, "table5_row2": 26, "table5_row3": 27,
+    "table6_row1": 28, "table6_row2": 29, "table6_row3": 29, "table6_row4": 30,
+    "table7_row1": 31, "table7_row2": 32, "table7_row3": 33,
+}
+_PAPER_BATCH = 128
+_WETOK_COMMITMENT = 0.25
+
+
+def _apply_table_setting(config: ml_collections.ConfigDict, appendix_table: int) -> None:
+  """Sets the method switches of one appendix setting table on `config`."""
+  (siglu, pre, post, head, gap, query, batch, double_channel, res_blocks,
+   attn_blocks) = _TABLE_SETTINGS[appendix_table]
+  m = config.model
+  m.siglu, m.double_channel_downsample = siglu, double_channel
+  # Table 7's backbones switch the ResBlocks or the attention blocks off; the size variant
+  # sets how many there are otherwise.
+  m.num_res_blocks = m.num_res_blocks if res_blocks else 0
+  m.num_attn_blocks = m.num_attn_blocks if attn_blocks else 0
+  config.loss.commitment = 0.0 if siglu else _WETOK_COMMITMENT
+  config.loss.pre_distill = 1.0 if pre else 0.0
+  config.loss.post_distill = 1.0 if post else 0.0
+  config.loss.gap = 1.0 if gap else 0.0
+  config.distill.head = head
+  config.gap_prior.use_query_token = query
+  if config.train.batch_size >= _PAPER_BATCH:
+    config.train.batch_size = batch
+
+
 _VARIANTS = {"paper": _paper, "demo": _demo, "tiny": _tiny, "gan": _gan, "stage1": _stage1,
-             "stage2": _stage2, "stage3": _stage3}
+             "stage2": _stage2, "stage3": _stage3,
+             **{name: (lambda config, t=t: _apply_table_setting(config, t))
+                for name, t in TABLE_ROWS.items()}}

@@ -79,7 +79,7 @@ def test_gan_step_with_adaptive_weight_and_perceptual_loss():
   @jax.jit
   def last_layer_grads(params):
     grad_of = lambda i: jax.grad(
-        lambda p: task._losses(p, state, setup.frozen, images, rng)[0][i])(params)
+        lambda p: task._losses(p, None, state, setup.frozen, images, rng)[0][i])(params)
     return [g["decoder"]["conv_out"]["kernel"] for g in (grad_of(0), grad_of(1))]
   with setup.activate():
     g_nll, g_gan = last_layer_grads(state.params)

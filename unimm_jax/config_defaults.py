@@ -114,19 +114,21 @@ _NON_NEGATIVE = ("train.eval_num_images", "train.grid_images",
                  "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay")
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """'configs/uniwetok.py:tiny,demo' -> that file's get_config('tiny,demo').
-
-  The path is taken as given, else relative to the repository root (so tests, benchmarks
-  and notebooks find the configs from any working directory).
-  """
-  path, _, arg = spec.partition(":")
+def load_config_module(path: str):
+  """The config file at `path` (as given, else relative to the repository root) as a module,
+  so tests, benchmarks and notebooks find the configs from any working directory."""
   if not os.path.exists(path):
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
   module_spec = importlib.util.spec_from_file_location("unimm_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/uniwetok.py:tiny,demo' -> that file's get_config('tiny,demo')."""
+  path, _, arg = spec.partition(":")
+  return load_config_module(path).get_config(arg)
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -145,12 +147,12 @@ def _has(config: ml_collections.ConfigDict, dotted: str) -> bool:
 
 
 def _uses_teacher(config: ml_collections.ConfigDict) -> bool:
-  """Whether a loss term of `config` reads `config.teacher` (none does yet)."""
+  """Whether a loss term of `config` reads `config.teacher`."""
   return any(_has(config, f"loss.{term}") and config.loss[term]
              for term in _TEACHER_LOSSES)
 
 
-_TEACHER_LOSSES = ()  # names under config.loss of the terms that distil from config.teacher
+_TEACHER_LOSSES = ("pre_distill", "post_distill")  # config.loss terms that read the teacher
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -191,6 +193,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                                           config.teacher.feature):
     raise ValueError(f"config.teacher.feature={config.teacher.feature!r} is not 'pooled', "
                      "'last' or 'hidden:K'")
+  if _uses_teacher(config) and not config.teacher.path:
+    raise ValueError("config.loss.pre_distill / post_distill need a teacher: set "
+                     "config.teacher.path to a SigLIP/SigLIP2/DINOv2/CLIP checkpoint directory "
+                     "(README: Pretrained ViTs and teachers)")
   if _has(config, "teacher.path") and config.teacher.path and not _uses_teacher(config):
     raise ValueError(f"config.teacher.path={config.teacher.path!r} is set, but no loss of "
                      "this config uses a teacher; clear it (a silently unused teacher "

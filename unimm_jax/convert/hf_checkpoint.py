@@ -213,7 +213,7 @@ def place(sources: Mapping, abstract_params: Any, *, dtype: Any = jnp.float32,
   Returns:
     the params tree (unboxed), leaves jax.Array of `dtype`.
   """
-  unboxed = flax.core.unfreeze(flax.linen.unbox(abstract_params))
+  unboxed = flax.core.unfreeze(sharding_lib.unbox(abstract_params))
   check_shapes(sources, unboxed, 'checkpoint')
   if mesh is None:
     return jax.tree.map(lambda s: jnp.asarray(s[()], dtype), sources,

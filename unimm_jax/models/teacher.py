@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from unimm_jax.convert import hf_vit
 from unimm_jax.convert import load_pretrained
 from unimm_jax.models.vit import VisionTransformer
 from unimm_jax.nn.dtypes import compute_dtype
@@ -140,27 +141,39 @@ def _preprocessor_settings(path: str, family: str) -> dict:
   return settings
 
 
-def load_teacher(config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
-                 rules: Sequence | None = None) -> tuple[Teacher, dict]:
-  """Imports `config.path` (see config_defaults.teacher_config) -> (teacher, variables).
-
-  With a mesh, the variables are placed sharded by `rules` (a host reads only its slices).
-  """
+def build_teacher(config: ml_collections.ConfigDict) -> Teacher:
+  """The static teacher of `config` (see config_defaults.teacher_config) from the checkpoint's
+  config.json and preprocessor_config.json alone; its weights come from `load_teacher`."""
   if not config.path:
     raise ValueError('config.teacher.path is empty: set it to a downloaded checkpoint '
                      'directory (README: teachers)')
   dtype = compute_dtype(config.dtype, 'config.teacher.dtype')
-  model, variables = load_pretrained(config.path, param_dtype=dtype, mesh=mesh, rules=rules,
-                                     dtype=dtype)
-  c = model.config
+  with open(os.path.join(config.path, 'config.json')) as f:
+    hf_config = json.load(f)
+  if hf_config.get('model_type') not in hf_vit.MODEL_TYPES:
+    raise ValueError(f'config.teacher.path={config.path!r} holds a '
+                     f'{hf_config.get("model_type")!r} model, not one of {hf_vit.MODEL_TYPES}')
+  c = hf_vit.vit_config(hf_config, dtype=dtype)
   settings = _preprocessor_settings(config.path, c.family)
   image_size = config.image_size or c.image_size
   if c.family != 'siglip2' and image_size % c.patch_size:
     raise ValueError(f'config.teacher.image_size={image_size} is not a multiple of the '
                      f'patch size {c.patch_size}')
-  teacher = Teacher(model=model, feature=parse_feature(config.feature, c.num_layers),
-                    mean=settings['mean'], std=settings['std'], method=settings['method'],
-                    image_size=image_size,
-                    max_num_patches=config.max_num_patches or settings['max_num_patches'],
-                    drop_class_token=config.drop_class_token)
+  return Teacher(model=VisionTransformer(c), feature=parse_feature(config.feature, c.num_layers),
+                 mean=settings['mean'], std=settings['std'], method=settings['method'],
+                 image_size=image_size,
+                 max_num_patches=config.max_num_patches or settings['max_num_patches'],
+                 drop_class_token=config.drop_class_token)
+
+
+def load_teacher(config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
+                 rules: Sequence | None = None) -> tuple[Teacher, dict]:
+  """`build_teacher(config)` and its weights -> (teacher, variables).
+
+  With a mesh, the variables are placed sharded by `rules` (a host reads only its slices).
+  """
+  teacher = build_teacher(config)
+  dtype = teacher.model.config.dtype
+  _, variables = load_pretrained(config.path, param_dtype=dtype, mesh=mesh, rules=rules,
+                                 dtype=dtype)
   return teacher, variables

@@ -16,8 +16,11 @@ class TokenizerOutput:
     aux: dict of scalars and statistics. Loss terms are scalars under their own names
       (e.g. `token_entropy`, `codebook_entropy`, `commitment`); statistics such as
       `code_usage` (g,) are logged but never weighted into the loss.
+    pre_quant: (b, h', w', d) the encoder output before quantization (UniWeTok's U_G, which
+      pre-distillation reads), or None for tokenizers without one.
   """
   recon: jax.Array
   codes: jax.Array
   latents: jax.Array
   aux: dict[str, Any]
+  pre_quant: Any = None

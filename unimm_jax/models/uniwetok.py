@@ -173,7 +173,8 @@ class UniWeTok(nn.Module):
   def encode(self, images: jax.Array, *, train: bool = False
              ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
     """Images (b, h, w, 3) -> (quantized (b, h/f, w/f, g*d') float32 +-1 with straight-through
-    gradient, codes (b, h/f, w/f, g) int32, aux dict of the quantizer)."""
+    gradient, codes (b, h/f, w/f, g) int32, aux: the quantizer's, plus `pre_quant`, the
+    encoder output U_G (b, h/f, w/f, g*d') before quantization)."""
     chex.assert_rank(images, 4)
     chex.assert_axis_dimension(images, -1, 3)
     factor = downsample_factor(self.config)
@@ -184,7 +185,7 @@ class UniWeTok(nn.Module):
     u = self.encoder(images)
     chex.assert_shape(u, (b, h // factor, w // factor, self._z_channels))
     quantized, codes, aux = self.quantizer(u, train)
-    return constrain_feature_map(quantized), codes, aux
+    return constrain_feature_map(quantized), codes, {**aux, 'pre_quant': u}
 
   def decode(self, quantized: jax.Array, *, train: bool = False) -> jax.Array:
     """Quantized latents (b, h', w', g*d') -> reconstruction (b, h'*f, w'*f, 3) float32."""
@@ -206,4 +207,6 @@ class UniWeTok(nn.Module):
     (b, h, w, 3), codes (b, h/f, w/f, g), latents = quantized (b, h/f, w/f, g*d'), aux."""
     quantized, codes, aux = self.encode(images, train=train)
     recon = self.decode(quantized, train=train)
-    return TokenizerOutput(recon=recon, codes=codes, latents=quantized, aux=aux)
+    pre_quant = aux.pop('pre_quant')
+    return TokenizerOutput(recon=recon, codes=codes, latents=quantized, aux=aux,
+                           pre_quant=pre_quant)

@@ -16,6 +16,13 @@ class LogicalAxes(tuple):
   """Logical axis names of one array. A tuple subclass, so pytrees treat it as a leaf."""
 
 
+def unbox(tree) -> Any:
+  """The values of a boxed tree, without the sharding constraints that `nn.unbox` adds while
+  logical rules are active (so it also works on host data and abstract shapes there)."""
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if _is_partitioned(x) else x,
+                      tree, is_leaf=_is_partitioned)
+
+
 def logical_names(tree) -> Any:
   """Per leaf, its LogicalAxes (None entries for unannotated dims)."""
   def names(leaf):
@@ -54,7 +61,7 @@ def spec_for(shape: Sequence[int], logical: tuple, mesh: Mesh, rules: Rules) -> 
 def tree_shardings(abstract_tree, mesh: Mesh, rules: Rules):
   """NamedShardings for a (boxed or unboxed) abstract tree, as an unboxed tree."""
   names = logical_names(abstract_tree)
-  unboxed = nn.unbox(abstract_tree)
+  unboxed = unbox(abstract_tree)
   return jax.tree.map(
       lambda leaf, logical: NamedSharding(mesh, spec_for(leaf.shape, logical, mesh, rules)),
       unboxed, names)

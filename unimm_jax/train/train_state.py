@@ -18,20 +18,32 @@ class TrainState:
   # Task-specific trained state beside the main model, e.g. a GAN discriminator with its own
   # optimiser; None when the task has none. Checkpointed and sharded with the rest.
   extra: Any = None
+  # Training-only modules trained by the main loss with the same optimiser, but not part of
+  # the model that is exported or run at inference (UniWeTok's distillation heads and
+  # generative prior); no EMA. None when the task has none.
+  aux_params: Any = None
+  aux_opt_state: Any = None
 
   @classmethod
-  def create(cls, params, tx: optax.GradientTransformation, extra: Any = None
-             ) -> "TrainState":
+  def create(cls, params, tx: optax.GradientTransformation, extra: Any = None,
+             aux_params: Any = None) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-               nonfinite_steps=jnp.zeros((), jnp.int32), tx=tx, extra=extra)
+               nonfinite_steps=jnp.zeros((), jnp.int32), tx=tx, extra=extra,
+               aux_params=aux_params,
+               aux_opt_state=None if aux_params is None else tx.init(aux_params))
 
-  def apply_gradients(self, grads, ema_decay: float) -> "TrainState":
+  def apply_gradients(self, grads, ema_decay: float, aux_grads: Any = None) -> "TrainState":
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     params = optax.apply_updates(self.params, updates)
     ema_params = update_ema(self.ema_params, params, ema_decay, self.step)
-    return self.replace(step=self.step + 1, params=params, ema_params=ema_params,
-                        opt_state=opt_state)
+    new = self.replace(step=self.step + 1, params=params, ema_params=ema_params,
+                       opt_state=opt_state)
+    if self.aux_params is None:
+      return new
+    aux_updates, aux_opt_state = self.tx.update(aux_grads, self.aux_opt_state, self.aux_params)
+    return new.replace(aux_params=optax.apply_updates(self.aux_params, aux_updates),
+                       aux_opt_state=aux_opt_state)
 
 
 def update_ema(ema, params, decay: float, step: jax.Array):
