@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_images=50_000,
       batch_size=50,
       inception_path="",  # pytorch-fid's FID Inception weights as safetensors, for rFID
+      # Zero-shot top-k (Table 1): class text embeddings as .npz (unimm_jax/evals/zero_shot.py)
+      # against the distillation head's pooled tokens; eval images need class labels.
+      zero_shot_classes="",
   ))
 
   # Mesh axis sizes; one may be -1 to take the devices left over.

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from unimm_jax.data.data_config import parse_resolution_buckets, validate_data_config
-from unimm_jax.data.sources import make_source
+from unimm_jax.data.sources import make_labelled_source, make_source
 from unimm_jax.data.transforms import ImageTransform, Unreadable
 
 # Threads that read and decode ahead inside each process (the main one, or each worker).
@@ -240,7 +240,8 @@ def build_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch
   return iter(ds)
 
 
-def iter_eval_images(data_config: ml_collections.ConfigDict, num_images: int):
+def iter_eval_images(data_config: ml_collections.ConfigDict, num_images: int,
+                     with_labels: bool = False):
   """Yields the deterministic held-out eval images one by one, `float32 (s, s, 3)`.
 
   Reads the eval split of `sources.make_source` in order and takes the eval view of each
@@ -248,17 +249,28 @@ def iter_eval_images(data_config: ml_collections.ConfigDict, num_images: int):
   `num_images` exceeds the readable eval records the set is cycled; in random_crop mode the
   later passes cut crops at fixed pseudo-random positions (seeded by the image's position),
   in the other modes they repeat the same views. Unreadable records are skipped.
+
+  With `with_labels`, yields (image, class label) pairs from `sources.make_labelled_source`
+  instead: a str (folder subdirectory) or int (TFDS `label`); unlabelled sources raise.
   """
   validate_data_config(data_config)
   if num_images < 0:
     raise ValueError(f'num_images must be >= 0, got {num_images}')
-  source = make_source(data_config, 'eval')
+  if with_labels:
+    source = make_labelled_source(data_config)
+    read = source.labelled
+  else:
+    source = make_source(data_config, 'eval')
+
+    def read(index):
+      return source[index], None
   transform = ImageTransform(data_config.image_size, data_config.resize_mode, flip=False)
   produced = position = failures_in_a_row = 0
   while produced < num_images:
     rng = (None if position < len(source)
            else np.random.default_rng([_EVAL_CROP_SEED, position]))
-    out = transform(source[position % len(source)], rng)
+    record, label = read(position % len(source))
+    out = transform(record, rng)
     position += 1
     if isinstance(out, Unreadable):
       failures_in_a_row += 1
@@ -268,20 +280,29 @@ def iter_eval_images(data_config: ml_collections.ConfigDict, num_images: int):
       continue
     failures_in_a_row = 0
     produced += 1
-    yield out['image']
+    yield (out['image'], label) if with_labels else out['image']
 
 
 def iter_eval_batches(data_config: ml_collections.ConfigDict, num_images: int,
-                      batch_size: int):
-  """`iter_eval_images` in batches `float32 (b, s, s, 3)`; the last one may be smaller."""
+                      batch_size: int, with_labels: bool = False):
+  """`iter_eval_images` in batches `float32 (b, s, s, 3)`; the last one may be smaller.
+
+  With `with_labels`, yields (images (b, s, s, 3), labels (b,) str or int64) pairs.
+  """
+  def stack(batch):
+    if not with_labels:
+      return np.stack(batch)
+    images, labels = zip(*batch)
+    return np.stack(images), np.asarray(labels)
+
   batch = []
-  for image in iter_eval_images(data_config, num_images):
-    batch.append(image)
+  for item in iter_eval_images(data_config, num_images, with_labels):
+    batch.append(item)
     if len(batch) == batch_size:
-      yield np.stack(batch)
+      yield stack(batch)
       batch = []
   if batch:
-    yield np.stack(batch)
+    yield stack(batch)
 
 
 def build_eval_images(data_config: ml_collections.ConfigDict,

@@ -26,16 +26,21 @@ For folder, array_record and tfds, a non-empty `eval_split` names the eval data:
 the format of `path` (folder, array_record) or a TFDS split string such as `validation` or
 `train[-1%:]` (tfds). With `eval_split` empty, one record in `HOLDOUT_STRIDE` (source
 indices 0, 100, 200, ...) is held out for eval and the train split never sees it.
+
+Class labels (zero-shot classification, `make_labelled_source`): a folder file's label is the
+name of its first-level subdirectory (ImageNet-style `val/<class>/<file>`), a str; a TFDS
+record's is its integer `label` feature. builtin, synthetic and array_record have none.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import grain
 import ml_collections
+import numpy as np
 
 from unimm_jax.data import builtin_images
 from unimm_jax.data.transforms import SourceRecord, Unreadable
@@ -46,6 +51,10 @@ HOLDOUT_STRIDE = 100
 
 SOURCES = ('builtin', 'synthetic', 'folder', 'array_record', 'tfds')
 
+LABELLED_SOURCES = ('folder', 'tfds')
+
+Label = str | int
+
 
 class ImageSource(Protocol):
   """What the pipeline needs from a source (grain's RandomAccessDataSource protocol)."""
@@ -54,6 +63,14 @@ class ImageSource(Protocol):
     ...
 
   def __getitem__(self, index: int) -> SourceRecord:
+    ...
+
+
+class LabelledSource(ImageSource, Protocol):
+  """An image source whose records have class labels (`make_labelled_source`)."""
+
+  def labelled(self, index: int) -> tuple[SourceRecord, Label | None]:
+    """(record `index`, its class label); the label is None only for an `Unreadable`."""
     ...
 
 
@@ -117,6 +134,19 @@ class FileSource:
     except OSError as err:
       return Unreadable(f'{path}: {err}')
 
+  def labelled(self, index: int) -> tuple[SourceRecord, str]:
+    """(record, name of the file's first-level subdirectory); see `check_labels`."""
+    return self[index], self.relative_paths[index].split(os.sep, 1)[0]
+
+  def check_labels(self) -> None:
+    """Raises ValueError when a file lies directly in `root`, outside any class folder."""
+    loose = [p for p in self.relative_paths if os.sep not in p]
+    if loose:
+      raise ValueError(
+          f'{len(loose)} image file(s) lie directly in {self.root!r} (e.g. {loose[0]!r}): '
+          'zero-shot classification (config.eval.zero_shot_classes) labels each file by its '
+          'class subdirectory, <root>/<class>/<file>')
+
   def __repr__(self) -> str:
     return f'FileSource({self.root!r})'
 
@@ -154,6 +184,7 @@ class TfdsSource:
     try:
       builder = tfds.builder(name, data_dir=data_dir)
       self.image_key = _image_feature_key(builder.info.features, tfds.features.Image)
+      self.has_labels = _has_integer_label(builder.info.features, tfds.features.Tensor)
       self._records = tfds.data_source(
           name, split=split, data_dir=data_dir, download=False,
           decoders={self.image_key: tfds.decode.SkipDecoding()})
@@ -170,8 +201,27 @@ class TfdsSource:
     return len(self._records)
 
   def __getitem__(self, index: int) -> SourceRecord:
+    record = self._read(index)
+    return record if isinstance(record, Unreadable) else record[self.image_key]
+
+  def labelled(self, index: int) -> tuple[SourceRecord, int | None]:
+    """(image bytes, `label` feature) of record `index`, read in one access; see
+    `check_labels`."""
+    record = self._read(index)
+    if isinstance(record, Unreadable):
+      return record, None
+    return record[self.image_key], int(record['label'])
+
+  def check_labels(self) -> None:
+    """Raises ValueError when the dataset has no integer `label` feature."""
+    if not self.has_labels:
+      raise ValueError(f'{self.where} has no integer `label` feature, which zero-shot '
+                       'classification (config.eval.zero_shot_classes) needs')
+
+  def _read(self, index: int) -> dict[str, Any] | Unreadable:
+    """The feature dict of record `index` (the image undecoded), or `Unreadable`."""
     try:
-      return self._records[index][self.image_key]
+      return self._records[index]
     # Same reasoning as ArrayRecordSource: one damaged record must not stop the run.
     except Exception as err:  # pylint: disable=broad-exception-caught
       return Unreadable(f'{self.where} record {index}: {type(err).__name__}: {err}')
@@ -197,6 +247,13 @@ def _image_feature_key(features, image_feature_type) -> str:
   return keys[0]
 
 
+def _has_integer_label(features, tensor_feature_type) -> bool:
+  """Whether `features` has a scalar integer `label` (a ClassLabel is such a Tensor)."""
+  label = features['label'] if 'label' in features else None
+  return (isinstance(label, tensor_feature_type) and label.shape == ()
+          and np.issubdtype(label.np_dtype, np.integer))
+
+
 class StrideSubset:
   """The records of `parent` at positions that are (eval) or are not (train) held out.
 
@@ -218,10 +275,18 @@ class StrideSubset:
     return self._len
 
   def __getitem__(self, index: int) -> SourceRecord:
+    return self.parent[self._parent_index(index)]
+
+  def labelled(self, index: int) -> tuple[SourceRecord, Label | None]:
+    """The parent's `labelled` (folder and TFDS parents only)."""
+    return self.parent.labelled(self._parent_index(index))
+
+  def _parent_index(self, index: int) -> int:
+    """Position in `parent` of this subset's record `index`."""
     if self.held_out:
-      return self.parent[index * self.stride]
+      return index * self.stride
     per_block = self.stride - 1
-    return self.parent[(index // per_block) * self.stride + index % per_block + 1]
+    return (index // per_block) * self.stride + index % per_block + 1
 
   def __repr__(self) -> str:
     part = 'held out' if self.held_out else 'train'
@@ -321,4 +386,20 @@ def make_source(data_config: ml_collections.ConfigDict, split: str) -> ImageSour
       source = StrideSubset(source, held_out=not train)
   if len(source) == 0:
     raise ValueError(f'{source!r} is empty')
+  return source
+
+
+def make_labelled_source(data_config: ml_collections.ConfigDict) -> LabelledSource:
+  """The eval source of `data_config` (as `make_source`), with `labelled(i)` -> (record, label).
+
+  Raises:
+    ValueError when the source has no class labels: builtin, synthetic or array_record, a
+    folder with image files outside class subdirectories, a TFDS dataset without a `label`.
+  """
+  if data_config.source not in LABELLED_SOURCES:
+    raise ValueError(f'data_config.source={data_config.source!r} has no class labels, which '
+                     'zero-shot classification (config.eval.zero_shot_classes) needs; use '
+                     f'one of {LABELLED_SOURCES} (see unimm_jax/data/sources.py)')
+  source = make_source(data_config, 'eval')
+  (source.parent if isinstance(source, StrideSubset) else source).check_labels()
   return source

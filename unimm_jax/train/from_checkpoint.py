@@ -12,6 +12,7 @@ from unimm_jax.convert import inception_weights
 from unimm_jax.data import pipeline
 from unimm_jax.evals import lpips as lpips_eval
 from unimm_jax.evals import reconstruction_eval
+from unimm_jax.evals import zero_shot
 from unimm_jax.train import checkpointing
 from unimm_jax.train import metric_logging
 from unimm_jax.train import trainer
@@ -54,10 +55,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   Writes WORKDIR/eval_STEP.json and the scalars to TensorBoard (process 0). LPIPS needs
   config.lpips.path (or allow_random), rFID config.eval.inception_path; without them those
-  two metrics are left out and the reason is printed.
+  two metrics are left out and the reason is printed. With config.eval.zero_shot_classes,
+  zero-shot top-k accuracy (Table 1) of the distillation head's embedding of the EMA
+  tokens, over the same (labelled) eval images, is added.
   """
+  ec = config.eval
+  # Configs saved before the field existed have none.
+  classes_path = ec.get("zero_shot_classes", "")
+  classes = None
+  if classes_path:
+    if not (config.loss.pre_distill or config.loss.post_distill):
+      raise ValueError("config.eval.zero_shot_classes needs the distillation heads of a run "
+                       "with config.loss.pre_distill or config.loss.post_distill > 0; both "
+                       "are 0 in this one")
+    classes = zero_shot.load_class_embeddings(classes_path)
   setup, step, state = restore_latest(config, workdir)
-  ec, task, params = config.eval, setup.task, state.ema_params
+  task, params = setup.task, state.ema_params
 
   def on_mesh(fn):
     """numpy batch -> fn on the batch-sharded global array -> numpy on every host."""
@@ -80,12 +93,24 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     inception_features = on_mesh(lambda x: inception.apply(variables, x))
   else:
     print("rFID left out: set config.eval.inception_path (README: FID Inception weights)")
+  zero_shot_eval = None
+  if classes is not None:
+    heads_params = state.aux_params["heads"]
+
+    def embed(images):
+      """(b, h, w, 3) -> (b, out_dim): the trained head pooling the EMA tokenizer's U_Q."""
+      quantized, _, _ = task.model.apply({"params": params}, images, train=False,
+                                         method=task.model.encode)
+      return task.heads.apply({"params": heads_params}, quantized,
+                              method=task.heads.zero_shot_embedding)
+    zero_shot_eval = (on_mesh(embed), classes)
   results = reconstruction_eval.evaluate_reconstruction(
-      pipeline.iter_eval_batches(config.data, ec.num_images, ec.batch_size), ec.batch_size,
+      pipeline.iter_eval_batches(config.data, ec.num_images, ec.batch_size,
+                                 with_labels=classes is not None), ec.batch_size,
       reconstruct=on_mesh(lambda x: task.reconstruct(params, x)),
       encode=on_mesh(lambda x: task.encode(params, x)),
       codebook_size=2 ** config.model.group_bits, lpips_distance=lpips_distance,
-      inception_features=inception_features)
+      inception_features=inception_features, zero_shot=zero_shot_eval)
   results["step"] = step
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
@@ -96,6 +121,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     writer.close()
   summary = ", ".join(f"{k} {results[k]:.4f}" for k in
                       ("psnr", "ssim", "lpips", "rfid", "code_usage_mean",
-                       "code_perplexity_mean") if k in results)
+                       "code_perplexity_mean", "zero_shot_top1", "zero_shot_top5",
+                       "zero_shot_top10") if k in results)
   print(f"eval of step {step} on {results['num_images']} images: {summary}")
   return results
