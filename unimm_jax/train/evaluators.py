@@ -6,6 +6,7 @@ An evaluator is built by its task (`task.evaluator(setup, writer, workdir)`) and
   metric_name, headline(scalars) and description: what the console prints at the start and
     end of a run ("held-out PSNR at step 0: 10.35 dB (16 crops, EMA params)").
 """
+import abc
 import os
 
 import jax
@@ -19,7 +20,7 @@ from unimm_jax.inference import sampling
 from unimm_jax.train import metric_logging
 
 
-class _CachedEvaluator:
+class _CachedEvaluator(abc.ABC):
   """Runs `_compute(state)` at most once per step and writes its scalars."""
 
   def __init__(self, writer):
@@ -32,8 +33,9 @@ class _CachedEvaluator:
       self._step = step
     return self._scalars
 
+  @abc.abstractmethod
   def _compute(self, state) -> dict[str, float]:
-    raise NotImplementedError
+    """The evaluation's scalars for `state`, e.g. {'eval/psnr': 19.5}."""
 
 
 class ReconstructionEvaluator(_CachedEvaluator):
