@@ -56,12 +56,21 @@ def read_metrics(workdir) -> dict[int, dict]:
   return merged
 
 
-def saved_state_arrays(workdir, step) -> dict:
+def _saved_state_arrays(workdir, step) -> dict:
   """The raw saved `state` item of a checkpoint as {leaf path: numpy}, without model code."""
   with ocp.PyTreeCheckpointer() as checkpointer:
     state = checkpointer.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
   leaves, _ = jax.tree_util.tree_flatten_with_path(state)
   return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def assert_same_saved_state(workdir, reference_workdir, step) -> None:
+  """Every leaf of the two runs' saved train states at `step` is bit-identical."""
+  reference = _saved_state_arrays(reference_workdir, step)
+  got = _saved_state_arrays(workdir, step)
+  assert reference.keys() == got.keys()
+  for name in reference:
+    np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
 
 
 @pytest.fixture(scope="session")

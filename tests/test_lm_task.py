@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import read_metrics, run_main, saved_state_arrays
+from conftest import assert_same_saved_state, read_metrics, run_main
 
 LM_TINY = "configs/lm.py:tiny"
 
@@ -49,10 +49,7 @@ def test_lm_resume_is_bit_identical(lm_run, tmp_path):
   run_main(tmp_path, "--config.train.steps=2", config=LM_TINY)
   resumed = run_main(tmp_path, config=LM_TINY)
   assert "resumed from step 2" in resumed.stderr
-  reference, got = saved_state_arrays(workdir, 4), saved_state_arrays(tmp_path, 4)
-  assert reference.keys() == got.keys()
-  for name in reference:
-    np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
+  assert_same_saved_state(tmp_path, workdir, 4)
 
 
 def test_generate_mode_continues_a_prompt(lm_run):

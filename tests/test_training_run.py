@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, main_command, read_metrics, run_main, saved_state_arrays, subprocess_env
+from conftest import (REPO, assert_same_saved_state, main_command, read_metrics, run_main,
+                      subprocess_env)
 
 
 def test_run_leaves_logs_images_checkpoints(full_run):
@@ -66,10 +67,7 @@ def test_sigkill_and_resume_is_bit_identical(full_run, tmp_path):
       subprocess.run(["rm", "-rf", os.path.join(ckpts, name)], check=True)
   resumed = run_main(tmp_path, "--config.train.steps=4")
   assert "resumed from step 2" in resumed.stderr
-  reference, got = saved_state_arrays(workdir, 4), saved_state_arrays(tmp_path, 4)
-  assert reference.keys() == got.keys()
-  for name in reference:
-    np.testing.assert_array_equal(got[name], reference[name], err_msg=name)
+  assert_same_saved_state(tmp_path, workdir, 4)
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
