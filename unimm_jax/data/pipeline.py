@@ -3,10 +3,10 @@
 Train pipeline, per host (`build_train_dataset`):
 
     source (sources.make_source)                      record i: bytes | uint8 array | Unreadable
-    [shard_index::shard_count]                        this host's records
     [.repeat(k)]                                      tiny sources tiled to >= 1000 records
     .shuffle(seed).repeat()                           infinite; grain reseeds every epoch
     .random_map(ImageTransform, seed)                 rng from (seed, position in the stream)
+    _ProcessSlice                                     this host's rows of every global batch
     .to_iter_dataset(ReadOptions)                     threads read and decode ahead
     _SkipCountingIterDataset                          drops Unreadable, counts them
     .batch(host_batch)                                {'image': (b, s, s, 3), 'skipped': (b,)}
@@ -15,6 +15,12 @@ Train pipeline, per host (`build_train_dataset`):
 Everything random derives from `seed` and the element's position in the stream, so the
 same seed gives the same batches, and the iterator state (a position per worker) is all a
 checkpoint needs to resume bit-identically.
+
+Hosts. Every host indexes the same global stream and reads (and decodes) only its own rows
+of each global batch: host h of n takes rows [h*b, (h+1)*b) of every B = n*b positions.
+The global batch is therefore the same whatever the number of hosts, and an N-process run
+trains on exactly the batches of a one-process run (when every record is readable: each
+host drops its own unreadable records, so a bad record shifts only that host's rows).
 
 Skip counting. `skipped[j]` is the number of unreadable records dropped right before
 element j in the stream that produced it. With worker processes each worker reads the
@@ -106,8 +112,36 @@ class _SkipCountingIterDataset(grain.IterDataset):
     return f'_SkipCountingIterDataset(max_consecutive={self._max_consecutive})'
 
 
-def shuffled_shard(source, *, seed: int, shard_index: int, shard_count: int,
-                   unit: str) -> grain.MapDataset:
+class _ProcessSlice(grain.MapDataset):
+  """One host's rows of every global batch of `parent`, a global stream of records.
+
+  Element j is the parent's position (j // b) * B + index * b + j % b, with the host batch
+  b = B / count. The parent's random_map keys each record's augmentation by that global
+  position, so a row's crop does not depend on how many hosts share the batch.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, global_batch: int, index: int, count: int):
+    super().__init__(parent)
+    self._global_batch = global_batch
+    self._host_batch = global_batch // count
+    self._offset = index * self._host_batch
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global_batch * self._host_batch
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    row, column = divmod(index, self._host_batch)
+    return self._parent[row * self._global_batch + self._offset + column]
+
+  def __str__(self) -> str:
+    return (f'_ProcessSlice(global_batch={self._global_batch}, '
+            f'rows={self._offset}:{self._offset + self._host_batch})')
+
+
+def shuffled_shard(source, *, seed: int, unit: str, shard_index: int = 0,
+                   shard_count: int = 1) -> grain.MapDataset:
   """Records `shard_index::shard_count` of `source`, shuffled with `seed`, repeated forever.
 
   Grain reshuffles every epoch. `unit` names the records in the error for an empty shard
@@ -162,10 +196,12 @@ def _batched_train_dataset(data_config: ml_collections.ConfigDict, source, *, im
                            shard_count: int) -> grain.IterDataset:
   """One resolution's shuffled, augmented batches of one shard (no worker processes)."""
   shuffle_seed, augment_seed = _derive_seeds(seed)
-  ds = shuffled_shard(source, seed=shuffle_seed, shard_index=shard_index,
-                      shard_count=shard_count, unit='records')
+  ds = shuffled_shard(source, seed=shuffle_seed, unit='records')
   transform = ImageTransform(image_size, data_config.resize_mode, data_config.flip)
   ds = ds.random_map(transform, seed=augment_seed)
+  if shard_count > 1:
+    ds = _ProcessSlice(ds, global_batch=batch_size * shard_count, index=shard_index,
+                       count=shard_count)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=_READ_THREADS,
                                             prefetch_buffer_size=max(batch_size, 16)))
   it = _SkipCountingIterDataset(it, max_consecutive_skips(source))
@@ -188,8 +224,8 @@ def build_train_dataset(data_config: ml_collections.ConfigDict, *, batch_size: i
     data_config: the `data` config (fields in `data_config.py`).
     batch_size: batch size of this shard (single-resolution training).
     seed: root seed; the shuffle and augmentation seeds derive from it.
-    shard_index: this shard, in [0, shard_count); it reads records
-      `shard_index::shard_count` of the source.
+    shard_index: this shard, in [0, shard_count); it reads rows
+      [shard_index * batch_size, (shard_index + 1) * batch_size) of every global batch.
     shard_count: number of shards (hosts).
 
   Returns:
@@ -226,8 +262,8 @@ def build_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch
                          seed: int) -> grain.DatasetIterator:
   """This host's infinite train iterator, checkpointable with grain / Orbax.
 
-  The host reads shard `jax.process_index()` of `jax.process_count()` and yields batches of
-  `global_batch_size // jax.process_count()`:
+  The host reads its rows (`jax.process_index()` of `jax.process_count()`) of every global
+  batch and yields batches of `global_batch_size // jax.process_count()`:
   `{'image': float32 (b, s, s, 3) in [-1, 1], 'skipped': int32 (b,)}`.
 
   Checkpoint it with `it.get_state()` / `it.set_state(state)`, or inside an Orbax
