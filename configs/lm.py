@@ -4,6 +4,11 @@ Variants, chosen by the text after the colon:
   configs/lm.py:tiny   tests: byte-level 2-layer model, 64-token rows, a few steps.
   configs/lm.py:demo   a byte-level 4-layer model on the built-in CPython corpus, ~5 min on
                        2 CPU cores; prints held-out loss and a sample at the start and end.
+  configs/lm.py:qwen2_5_7b   Qwen2.5-7B's shape (28 layers, hidden 3584, 28/4 heads, MLP
+                       18944, vocab 152064, q/k/v bias, untied head), bf16 compute, scanned
+                       and rematerialised layers, 4096-token rows, batch 256: for
+                       `--mode=plan`, or for training with --config.data.tokenizer and
+                       weights from `unimm_jax.convert.load_pretrained`.
 
 Text comes from `config.data` (unimm_jax/data/text_data_config.py): the built-in corpus,
 JSONL or a folder of text files, tokenized by the byte tokenizer or an HF tokenizer.json
@@ -76,4 +81,16 @@ def _tiny(config):
   config.eval.sample_tokens = 8
 
 
-_VARIANTS = {"demo": _demo, "tiny": _tiny}
+def _qwen2_5_7b(config):
+  m = config.model
+  m.vocab_size, m.hidden_size, m.intermediate_size = 152064, 3584, 18944
+  m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 28, 28, 4, 128
+  m.rope_theta, m.qkv_bias, m.tie_word_embeddings = 1e6, True, False
+  m.dtype, m.scan_layers, m.remat = "bfloat16", True, True
+  config.data.seq_len = 4096
+  config.train.batch_size = 256
+  config.optim.lr = 3e-5
+  config.mesh.data, config.mesh.fsdp = 1, -1  # FSDP over every device
+
+
+_VARIANTS = {"demo": _demo, "tiny": _tiny, "qwen2_5_7b": _qwen2_5_7b}

@@ -14,23 +14,12 @@ import ml_collections
 
 from unimm_jax.data import data_config
 from unimm_jax.data import text_data_config
+from unimm_jax.parallel import rule_sets
 
-# Logical axis -> mesh axes. `batch` spans data and fsdp (FSDP is data parallel with
-# sharded parameters); parameters shard their `embed`/`conv_out` dimension over fsdp and
-# heads/mlp over tensor. A dimension that a mesh axis does not divide stays replicated.
-DEFAULT_SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("conv_out", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("kv", None),
-    ("length", None),
-    ("conv_in", None),
-    ("vocab", "tensor"),
-    ("codebook", None),
-    ("layers", None),  # the stacked axis of scanned layers
-)
+# Logical axis -> mesh axes by default: `batch` spans data and fsdp (FSDP is data parallel
+# with sharded parameters); parameters shard their `embed`/`conv_out` dimension over fsdp
+# and heads/mlp/vocab over tensor. Other sets: unimm_jax/parallel/rule_sets.py.
+DEFAULT_SHARDING_RULES = rule_sets.RULE_SETS["fsdp_tensor"]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,7 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Mesh axis sizes; one may be -1 to take the devices left over.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  config.sharding_rules = DEFAULT_SHARDING_RULES
+  # A rule set of unimm_jax/parallel/rule_sets.py: data_parallel, fsdp, tensor, fsdp_tensor.
+  config.sharding = "fsdp_tensor"
+  # Explicit (logical name, mesh axes) pairs; when not empty they replace config.sharding.
+  config.sharding_rules = ()
   return config
 
 
@@ -158,6 +150,11 @@ def _uses_teacher(config: ml_collections.ConfigDict) -> bool:
 _TEACHER_LOSSES = ("pre_distill", "post_distill")  # config.loss terms that read the teacher
 
 
+def sharding_rules(config: ml_collections.ConfigDict) -> tuple:
+  """The logical-axis rules of a run: config.sharding_rules, else the config.sharding set."""
+  return rule_sets.resolve(config.sharding, config.sharding_rules)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad key of `config`."""
   for key, allowed in _ENUMS.items():
@@ -180,6 +177,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for rule in config.sharding_rules:
     if len(rule) != 2:
       raise ValueError(f"config.sharding_rules entry {rule!r} is not (logical, mesh_axes)")
+  rule_sets.check_mesh(sharding_rules(config), dict(config.mesh),
+                       "explicit rules" if config.sharding_rules else config.sharding)
   validate_data = (text_data_config.validate_text_data_config if config.task == "lm"
                    else data_config.validate_data_config)
   try:

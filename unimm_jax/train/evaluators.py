@@ -51,9 +51,10 @@ class ReconstructionEvaluator(_CachedEvaluator):
     n = -(-config.train.eval_num_images // shards) * shards
     self.images = pipeline.build_eval_images(config.data, n)
     self.batch = {"image": setup.global_images(self.images, host_local=False)}
+    # Replicated out: every process gets all reconstructions, whichever devices made them.
     self.eval_step = jax.jit(setup.task.eval_step,
                              in_shardings=(setup.state_shardings, {"image": setup.image_sharding}),
-                             out_shardings=setup.image_sharding)
+                             out_shardings=setup.replicated)
     self.recons = None
 
   def _compute(self, state) -> dict[str, float]:
@@ -95,7 +96,8 @@ class LanguageModelEvaluator(_CachedEvaluator):
     self.batches = [setup.global_batch(b, host_local=False) for b in host_batches]
     self.num_tokens = int(sum(b["loss_mask"].sum() for b in host_batches))
     self.eval_step = jax.jit(task.eval_step,
-                             in_shardings=(setup.state_shardings, setup.batch_shardings))
+                             in_shardings=(setup.state_shardings, setup.batch_shardings),
+                             out_shardings=setup.replicated)
     first = host_batches[0]
     prompt_len = min(config.eval.prompt_tokens, int((first["segment_ids"][0] == 1).sum()))
     self.prompt = first["tokens"][:1, :prompt_len]
@@ -113,7 +115,7 @@ class LanguageModelEvaluator(_CachedEvaluator):
   def write_samples(self, state, step: int) -> None:
     self.evaluate(state, step)
     task = self.setup.task
-    params = jax.device_get(state.ema_params)
+    params = jax.device_get(self.setup.gather(state.eval_params))
     new = sampling.generate(task.model, params, self.prompt,
                             self.setup.config.eval.sample_tokens,
                             eos_ids=task.tokenizer.eos_ids)

@@ -34,9 +34,9 @@ def restore_latest(config: ml_collections.ConfigDict, workdir: str):
 
 
 def restore_ema_params(config: ml_collections.ConfigDict, workdir: str):
-  """(task, EMA params) of the latest checkpoint in `workdir`, for encode/decode."""
+  """(task, EMA params, or params without EMA) of `workdir`'s latest checkpoint."""
   setup, _, state = restore_latest(config, workdir)
-  return setup.task, state.ema_params
+  return setup.task, state.eval_params
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -70,7 +70,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                        "are 0 in this one")
     classes = zero_shot.load_class_embeddings(classes_path)
   setup, step, state = restore_latest(config, workdir)
-  task, params = setup.task, state.ema_params
+  task, params = setup.task, state.eval_params
 
   def on_mesh(fn):
     """numpy batch -> fn on the batch-sharded global array -> numpy on every host."""

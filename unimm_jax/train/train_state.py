@@ -11,7 +11,7 @@ import optax
 class TrainState:
   step: jax.Array
   params: Any
-  ema_params: Any
+  ema_params: Any  # None when config.ema_decay == 0: no copy is kept or updated
   opt_state: Any
   nonfinite_steps: jax.Array  # updates skipped because loss or gradients were NaN/Inf
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
@@ -26,17 +26,24 @@ class TrainState:
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, extra: Any = None,
-             aux_params: Any = None) -> "TrainState":
+             aux_params: Any = None, ema: bool = True) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params,
-               ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+               ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+               opt_state=tx.init(params),
                nonfinite_steps=jnp.zeros((), jnp.int32), tx=tx, extra=extra,
                aux_params=aux_params,
                aux_opt_state=None if aux_params is None else tx.init(aux_params))
 
+  @property
+  def eval_params(self):
+    """The params that eval, samples, encode/decode and exports use: the EMA if kept."""
+    return self.params if self.ema_params is None else self.ema_params
+
   def apply_gradients(self, grads, ema_decay: float, aux_grads: Any = None) -> "TrainState":
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     params = optax.apply_updates(self.params, updates)
-    ema_params = update_ema(self.ema_params, params, ema_decay, self.step)
+    ema_params = (None if self.ema_params is None
+                  else update_ema(self.ema_params, params, ema_decay, self.step))
     new = self.replace(step=self.step + 1, params=params, ema_params=ema_params,
                        opt_state=opt_state)
     if self.aux_params is None:

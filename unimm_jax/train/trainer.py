@@ -6,7 +6,9 @@ The trainer knows nothing about a particular model; a task (config.task) supplie
 batch size its data yields), `train_iterator(seed)` (a checkpointable Grain iterator of
 host-local batches with a `skipped` count), `throughput_unit` and `count_items(host_batch)`
 (images or tokens in a host batch), and `evaluator(setup, writer, workdir)`
-(see `unimm_jax.train.evaluators`).
+(see `unimm_jax.train.evaluators`). For `--mode=plan` (`unimm_jax.train.plan`) it also
+gives `frozen_shapes()` and `batch_shapes()`: the frozen networks and the global batches
+as ShapeDtypeStructs, without reading weights or data.
 """
 import functools
 import logging
@@ -16,6 +18,7 @@ import time
 from clu import periodic_actions
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -28,20 +31,38 @@ from unimm_jax.train import metric_logging
 from unimm_jax.train import tasks
 
 
-class PreemptionFlag:
-  """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and exits."""
+class PreemptionWatch:
+  """Tells the loop when to save a checkpoint and exit because of SIGTERM.
+
+  One process: a Python SIGTERM handler sets a flag, and the loop stops at the next step
+  boundary. Several processes: the signal may reach any one of them, and all must save the
+  same step together. jax.distributed.initialize has installed JAX's preemption notifier,
+  which passes the notice to every process through the coordination service; each then
+  stops at the same agreed step (`multihost_utils.reached_preemption_sync_point`), without
+  a device collective in the step.
+  """
 
   def __init__(self):
+    self._multiprocess = jax.process_count() > 1
     self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if not self._multiprocess:  # a Python handler would replace JAX's notifier
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and exiting")
     self.requested = True
 
+  def stop_at(self, step: int) -> bool:
+    """Called at every step boundary, on every process; True on all of them together."""
+    if self._multiprocess and multihost_utils.reached_preemption_sync_point(step):
+      logging.warning("preemption notice: all processes save step %d and exit", step)
+      self.requested = True
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multiprocess:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 class Setup:
@@ -51,7 +72,7 @@ class Setup:
     config_defaults.validate(config)
     self.config = config
     self.mesh = mesh_lib.make_mesh(config.mesh)
-    self.rules = tuple(tuple(r) for r in config.sharding_rules)
+    self.rules = config_defaults.sharding_rules(config)
     self.task = tasks.build_task(config)
     batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     for size in self.task.global_batch_sizes():
@@ -100,9 +121,24 @@ class Setup:
                          extra=previous.extra)
 
   @functools.cached_property
+  def frozen_shardings(self):
+    """Where the frozen networks live: by the logical rules, so a large teacher ViT is
+    split like a trained one; unnamed arrays (LPIPS) are replicated."""
+    return sharding.tree_shardings(self.task.frozen_shapes(), self.mesh, self.rules)
+
+  @functools.cached_property
   def frozen(self):
-    """The task's frozen networks (e.g. LPIPS), replicated on every device; loaded once."""
-    return jax.device_put(self.task.load_frozen(), NamedSharding(self.mesh, P()))
+    """The task's frozen networks (LPIPS, a teacher), on the mesh; loaded once."""
+    return jax.device_put(self.task.load_frozen(), self.frozen_shardings)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def gather(self, tree):
+    """`tree` replicated on every device, so each process can read it whole (device_get
+    cannot read shards held by another process)."""
+    return jax.jit(lambda t: t, out_shardings=self.replicated)(tree)
 
   def compile_train_step(self):
     """jit of task.train_step(state, frozen, batch, rng) with the state donated."""
@@ -149,14 +185,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the step and the evaluator's scalars at the end of this run (e.g. `eval/psnr`),
   and at its start with a `_start` suffix.
   """
-  preemption = PreemptionFlag()  # first, so a SIGTERM during start-up also exits cleanly
+  preemption = PreemptionWatch()  # first, so a SIGTERM during start-up also exits cleanly
   try:
     return _train(config, workdir, preemption)
   finally:
     preemption.restore()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, preemption: PreemptionFlag):
+def _train(config: ml_collections.ConfigDict, workdir: str, preemption: PreemptionWatch):
   setup = Setup(config)
   checkpointer = setup.checkpointer(workdir)
   tc = config.train
@@ -194,7 +230,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
   items_since_log = 0  # images or tokens over all hosts since the last log
   saved_step, first_step = latest, step
   try:
-    while step < tc.steps and not preemption.requested:
+    while step < tc.steps and not preemption.stop_at(step):
       host_batch = next(data_iter)
       progress["skipped_records"] += int(host_batch["skipped"].sum())
       batch = setup.global_batch(host_batch)

@@ -88,10 +88,19 @@ class LMTask:
   def init(self, rng: jax.Array) -> TrainState:
     ids = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
     variables = self.model.init(rng, ids)
-    return TrainState.create(variables["params"], self.tx)
+    return TrainState.create(variables["params"], self.tx, ema=self.config.ema_decay > 0)
 
   def load_frozen(self) -> dict:
     return {}
+
+  def frozen_shapes(self) -> dict:
+    return {}
+
+  def batch_shapes(self) -> list[dict]:
+    """The global train batch as ShapeDtypeStructs (for --mode=plan)."""
+    shape = (self.config.train.batch_size, self.config.data.seq_len)
+    return [{name: jax.ShapeDtypeStruct(shape, jnp.float32 if name == "loss_mask" else jnp.int32)
+             for name in BATCH_FIELDS}]
 
   def statistics(self, params, batch: dict) -> dict[str, jax.Array]:
     logits = self.model.apply({"params": params}, batch["tokens"],
@@ -118,4 +127,4 @@ class LMTask:
 
   def eval_step(self, state: TrainState, batch: dict) -> dict[str, jax.Array]:
     """Masked sums of one eval batch with the EMA params (see token_statistics)."""
-    return self.statistics(state.ema_params, batch)
+    return self.statistics(state.eval_params, batch)

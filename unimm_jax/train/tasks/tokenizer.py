@@ -101,7 +101,8 @@ class TokenizerTask:
                                 train=False)
     extra = self.adversary.init(disc_rng, images.shape) if self.adversary else None
     return TrainState.create(variables["params"], self.tx, extra=extra,
-                             aux_params=self._init_aux(aux_rng, images))
+                             aux_params=self._init_aux(aux_rng, images),
+                             ema=self.config.ema_decay > 0)
 
   def _init_aux(self, rng: jax.Array, images: jax.Array) -> dict | None:
     """Params of the training-only modules (distillation heads, prior), or None."""
@@ -130,6 +131,30 @@ class TokenizerTask:
       _, frozen["teacher"] = load_pretrained(self.config.teacher.path, param_dtype=dtype,
                                              dtype=dtype)
     return frozen
+
+  def frozen_shapes(self) -> dict:
+    """`load_frozen()` as ShapeDtypeStructs, boxed with their logical axis names (which
+    place them on the mesh), reading no weights."""
+    size = self.config.data.image_size
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    frozen = {}
+    if self.config.loss.perceptual:
+      frozen["lpips"] = jax.eval_shape(
+          lambda r, x: self.lpips.init(r, x, x)["params"], rng, images)
+    if self.teacher:
+      dtype = self.teacher.model.config.dtype
+      variables = jax.eval_shape(
+          lambda r, x: self.teacher.model.init(r, *self.teacher.model_inputs(x)), rng, images)
+      frozen["teacher"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),
+                                       variables)
+    return frozen
+
+  def batch_shapes(self) -> list[dict]:
+    """The global train batches as ShapeDtypeStructs, one per resolution bucket."""
+    return [{"image": jax.ShapeDtypeStruct((b, side, side, 3), jnp.float32)}
+            for side, b in pipeline.train_buckets(self.config.data,
+                                                  self.config.train.batch_size)]
 
   def loss_terms(self, out, images: jax.Array, frozen: dict) -> dict[str, jax.Array]:
     """Unweighted loss terms of one forward pass, each a float32 scalar."""
@@ -233,7 +258,7 @@ class TokenizerTask:
 
   def eval_step(self, state: TrainState, batch: dict) -> jax.Array:
     """Reconstructions of `batch['image']` with the EMA parameters."""
-    return self.reconstruct(state.ema_params, batch["image"])
+    return self.reconstruct(state.eval_params, batch["image"])
 
   def encode(self, params, images: jax.Array) -> jax.Array:
     """(b, h, w, 3) -> integer codes."""
