@@ -135,10 +135,12 @@ class Setup:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
-  def gather(self, tree):
-    """`tree` replicated on every device, so each process can read it whole (device_get
-    cannot read shards held by another process)."""
-    return jax.jit(lambda t: t, out_shardings=self.replicated)(tree)
+  @functools.cached_property
+  def gather(self):
+    """gather(tree): `tree` replicated on every device, so each process can read it whole
+    (device_get cannot read shards held by another process). One jit, compiled per tree
+    structure and shapes."""
+    return jax.jit(lambda tree: tree, out_shardings=self.replicated)
 
   def compile_train_step(self):
     """jit of task.train_step(state, frozen, batch, rng) with the state donated."""
