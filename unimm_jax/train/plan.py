@@ -155,15 +155,15 @@ def plan_train_step(config: ml_collections.ConfigDict) -> Plan:
              for name, a in batch.items()}
     start = time.perf_counter()
     with setup.activate():
-      jaxpr = jax.make_jaxpr(setup.task.train_step)(state, frozen, batch, rng)
-      compiled = step.lower(state, frozen, batch, rng).compile()
+      traced = step.trace(state, frozen, batch, rng)  # one trace for the count and XLA
+      compiled = traced.lower().compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     buckets.append(BucketPlan(
         batch={name: tuple(a.shape) for name, a in batch.items()},
-        flops_global=jaxpr_flops(jaxpr.jaxpr),
+        flops_global=jaxpr_flops(traced.jaxpr.jaxpr),
         flops_per_device_xla=float(cost.get("flops", 0.0)),
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
