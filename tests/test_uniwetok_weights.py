@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import run_main
 from unimm_jax import config_defaults
 from unimm_jax.convert.uniwetok_weights import convert_state_dict, load_uniwetok_state_dict
 from unimm_jax.models.uniwetok import UniWeTok, UniWeTokDecoder
+from unimm_jax.train import from_checkpoint
+from unimm_jax.train import trainer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 STATE_DICT = os.path.join(FIXTURES, 'uniwetok_tiny_state_dict.safetensors')
@@ -139,3 +142,30 @@ def test_ema_copy_is_preferred_and_training_extras_are_ignored(tensors):
   np.testing.assert_array_equal(params['encoder']['conv_out']['bias'], ema)
   np.testing.assert_array_equal(params['encoder']['conv_in']['kernel'],
                                 np.transpose(tensors['encoder.conv_in.weight'], (2, 3, 1, 0)))
+
+
+def test_import_mode_writes_step_0_of_a_workdir(tmp_path):
+  """`--mode=import` stores their weights as params and EMA of step 0; eval/encode/decode
+  restore them, and training in place starts its data from the beginning."""
+  cfg = fixture_config()
+  workdir = tmp_path / 'authors'
+  overrides = [f'--config.model.ch={cfg.ch}', f'--config.model.ch_mult={tuple(cfg.ch_mult)}']
+  proc = run_main(workdir, f'--input={STATE_DICT}', *overrides, mode='import')
+  assert f'imported {STATE_DICT} as step 0' in proc.stdout
+  config = config_defaults.load_config('configs/uniwetok.py:tiny')
+  config.model = cfg
+  _, params = from_checkpoint.restore_ema_params(config, str(workdir))
+  expected = load_uniwetok_state_dict(STATE_DICT, cfg)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), expected)
+  # The checkpoint has no iterator state: a restore for training leaves the iterator new.
+  setup = trainer.Setup(config)
+  checkpointer = setup.checkpointer(str(workdir))
+  data_iter = setup.task.train_iterator(config.seed)
+  with setup.activate():
+    state, progress = checkpointer.restore(0, setup.abstract_state, data_iter)
+  assert int(state.step) == 0 and progress == {'skipped_records': 0}
+  np.testing.assert_array_equal(next(data_iter)['image'],
+                                next(setup.task.train_iterator(config.seed))['image'])
+  with pytest.raises(FileExistsError, match='already holds step 0'):
+    from_checkpoint.import_uniwetok_weights(config, str(workdir), STATE_DICT)
+  checkpointer.close()

@@ -5,6 +5,8 @@ r"""Entry point: train a config, encode/decode images with a tokenizer, generate
   python -m unimm_jax.main --mode=encode --workdir=/tmp/run --input=photos/ --output=codes.npz
   python -m unimm_jax.main --mode=decode --workdir=/tmp/run --input=codes.npz --output=out/
   python -m unimm_jax.main --mode=generate --workdir=/tmp/lm --prompt="The assert statement"
+  python -m unimm_jax.main --mode=import --config=configs/uniwetok.py:paper \
+      --input=uniwetok.safetensors --workdir=/tmp/authors
   python -m unimm_jax.main --mode=plan --config=configs/lm.py:qwen2_5_7b \
       --config.mesh.data=16 --config.mesh.fsdp=16
 
@@ -32,10 +34,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs "
                                "(not needed by --mode=plan).")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "encode", "decode", "generate", "plan"],
+                          ["train", "eval", "encode", "decode", "generate", "plan", "import"],
                           "What to run. plan: compile the train step for config.mesh on fake "
-                          "CPU devices and print parameters, FLOPs and per-device memory.")
-_INPUT = flags.DEFINE_string("input", None, "encode: image folder; decode: .npz of codes.")
+                          "CPU devices and print parameters, FLOPs and per-device memory. "
+                          "import: write step 0 of a new workdir from the authors' UniWeTok "
+                          "weights (--input, safetensors).")
+_INPUT = flags.DEFINE_string("input", None, "encode: image folder; decode: .npz of codes; "
+                             "import: the authors' weights as safetensors.")
 _OUTPUT = flags.DEFINE_string("output", None, "encode: .npz to write; decode: folder.")
 _PROMPT = flags.DEFINE_string("prompt", None, "generate: the text to continue.")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: wrap the prompt as a user turn of the "
@@ -84,6 +89,13 @@ def main(argv):
       raise app.UsageError("--config is required for --mode=train")
     config_defaults.validate(config)
     trainer.train_and_evaluate(config, _WORKDIR.value)
+    return
+  if _MODE.value == "import":
+    if config is None or not _INPUT.value:
+      raise app.UsageError("--mode=import needs --config and --input")
+    config_defaults.validate(config)
+    from_checkpoint.import_uniwetok_weights(config, _WORKDIR.value, _INPUT.value)
+    print(f"imported {_INPUT.value} as step 0 of {_WORKDIR.value}")
     return
   if _MODE.value == "eval":
     config = config if config is not None else from_checkpoint.saved_config(_WORKDIR.value)

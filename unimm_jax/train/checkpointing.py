@@ -38,15 +38,16 @@ class Checkpointer:
     """Starts an async save if `step` is a multiple of save_every (or `force`).
 
     The schedule is decided here rather than by Orbax, which would also save the first step
-    it sees.
+    it sees. `data_iter` None saves no iterator state (imported weights, `--mode=import`).
     """
     if not (force or step % self.save_every == 0):
       return False
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(json.loads(config.to_json())),
-        progress=ocp.args.JsonSave(progress)), force=True)
+    items = dict(state=ocp.args.StandardSave(state),
+                 config=ocp.args.JsonSave(json.loads(config.to_json())),
+                 progress=ocp.args.JsonSave(progress))
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """Restores (state, progress) at `step`, and the iterator in place when given.
@@ -57,7 +58,11 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardRestore(abstract_state),
                  progress=ocp.args.JsonRestore())
     if data_iter is not None:
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+      if (self.manager.directory / str(step) / "data_iter").exists():
+        items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+      else:  # written by --mode=import
+        logging.warning("checkpoint %d has no data-iterator state: the data starts from "
+                        "the beginning", step)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("restored checkpoint at step %d", step)
     return restored["state"], restored["progress"]

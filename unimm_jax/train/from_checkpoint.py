@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from unimm_jax.convert import inception_weights
+from unimm_jax.convert import uniwetok_weights
 from unimm_jax.data import pipeline
 from unimm_jax.evals import lpips as lpips_eval
 from unimm_jax.evals import reconstruction_eval
@@ -37,6 +38,34 @@ def restore_ema_params(config: ml_collections.ConfigDict, workdir: str):
   """(task, EMA params, or params without EMA) of `workdir`'s latest checkpoint."""
   setup, _, state = restore_latest(config, workdir)
   return setup.task, state.eval_params
+
+
+def import_uniwetok_weights(config: ml_collections.ConfigDict, workdir: str,
+                           weights_path: str) -> None:
+  """Writes step 0 of a new `workdir` from the authors' UniWeTok weights (`--mode=import`).
+
+  The params and the EMA params are the imported ones (their EMA weights when the file has
+  them, see `uniwetok_weights`); the optimiser, the discriminator and training-only modules
+  start as at initialisation, and no data-iterator state is saved. The workdir then serves
+  `--mode=eval/encode/decode`, `--config.train.init_from` (fine-tuning as a new run), or
+  training in place from step 0.
+  """
+  if config.model.name != "uniwetok":
+    raise ValueError(f"--mode=import reads UniWeTok autoencoder weights; config.model.name "
+                     f"is {config.model.name!r}")
+  setup = trainer.Setup(config)
+  checkpointer = setup.checkpointer(workdir)
+  if checkpointer.latest_step() is not None:
+    raise FileExistsError(f"{workdir}/checkpoints already holds step "
+                          f"{checkpointer.latest_step()}; import into a new workdir")
+  params = jax.device_put(uniwetok_weights.load_uniwetok_state_dict(weights_path, config.model),
+                          setup.state_shardings.params)
+  state = setup.init_state()
+  state = state.replace(params=params,
+                        ema_params=None if state.ema_params is None else params)
+  checkpointer.save(0, state, None, config, {"skipped_records": 0}, force=True)
+  checkpointer.wait()
+  checkpointer.close()
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
