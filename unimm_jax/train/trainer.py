@@ -99,10 +99,12 @@ class Setup:
     """Mesh and logical rules in force while tracing, so activation constraints apply."""
     return _Contexts(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
 
-  def init_state(self):
+  def init_state(self, compiler_options: dict | None = None):
+    """The initial train state, laid out by the rules. `compiler_options` go to XLA for
+    this one compile (tests pass a fast, unoptimised one: init runs only once)."""
     init = jax.jit(lambda rng: nn.unbox(self.task.init(rng)),
                    out_shardings=self.state_shardings)
-    return init(self.init_rng)
+    return init.lower(self.init_rng).compile(compiler_options)(self.init_rng)
 
   def start_from_run(self, state, workdir: str):
     """`state` with the params, EMA params and task state (e.g. the discriminator) of the
