@@ -68,8 +68,11 @@ def lm_train_step(set_name, sizes):
   return {p: params[p] for p in PARAMS["lm"]}, adam_mu[0], float(metrics["loss"])
 
 def forward_backward(name, boxed, host_params, loss_fn, x, set_name, sizes):
-  # The same params placed by the rule set; loss and gradients of one batch.
-  config = tiny_config("configs/uniwetok.py", set_name, sizes)
+  # The same params placed by the rule set; loss and gradients of one batch. Only the
+  # mesh and sharding fields of a config matter here.
+  config = config_defaults.base_config()
+  config.sharding = set_name
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = config_defaults.sharding_rules(config)
   shardings = sharding.tree_shardings(boxed, mesh, rules)
