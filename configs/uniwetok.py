@@ -43,6 +43,7 @@ def _paper_model() -> ml_collections.ConfigDict:
       entropy_temperature=0.01,
       dtype="float32",
       remat=False,
+      attention_impl="xla",  # jax.nn.dot_product_attention's: 'xla', or 'cudnn' on GPUs
   ))
 
 
@@ -68,7 +69,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       post_distill=0.0,
       gap=0.0,
   ))
-  # AttnPool_pre / AttnPool_post (models/attention_pool.py): 'linear' (ImageNet rows) or
+  # AttnPool_pre / AttnPool_post (models/distillation_heads.py): 'linear' (ImageNet rows) or
   # 'attention' (DataComp rows, Table 6); width 0 = the teacher's pooled width.
   config.distill = ml_collections.ConfigDict(dict(head="linear", num_heads=16, width=0))
   # The Generative-Aware Prior, "BitDance-T" (models/gap_prior.py; 8.5M params at 128 bits).

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from unimm_jax.losses.distillation import cosine_distillation_loss, pre_post_distillation
-from unimm_jax.models.attention_pool import PrePostHeads, SemanticHead
+from unimm_jax.models.distillation_heads import PrePostHeads, SemanticHead
 
 B, H, W, C, OUT = 2, 3, 4, 8, 16
 

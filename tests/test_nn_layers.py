@@ -296,7 +296,7 @@ def test_cross_attention_with_bias_and_key_mask_matches_numpy():
   b, t, s, heads, head_dim = 2, 3, 5, 2, 4
   x, kv = _randn(b, t, heads * head_dim), _randn(b, s, heads * head_dim)
   key_mask = np.array([[True] * 5, [True, True, True, False, False]])
-  module = MultiHeadAttention(heads, use_bias=True)
+  module = MultiHeadAttention(heads, qkv_bias=True, out_bias=True)
   variables = module.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(kv))
   params = jax.tree.map(lambda p: p + 0.1 * _randn(*p.shape), nn.unbox(variables)['params'])
   got = module.apply({'params': params}, jnp.asarray(x), jnp.asarray(kv), None,

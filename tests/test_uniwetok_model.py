@@ -16,7 +16,8 @@ BATCH, SIZE = 2, 32
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   fields = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_attn_blocks=1, num_heads=2,
                 num_registers=4, groups=4, group_bits=4, siglu=True, double_channel_downsample=True,
-                generative_decoder=True, entropy_temperature=0.01, dtype='float32', remat=False)
+                generative_decoder=True, entropy_temperature=0.01, dtype='float32', remat=False,
+                attention_impl='xla')
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 

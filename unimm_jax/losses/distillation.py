@@ -6,7 +6,7 @@
 
 U_Q = U_G + sg[Q - U_G] has the value of the binary code and the gradient of U_G, so L_post
 also trains the encoder, through the straight-through estimator; the heads themselves are
-`unimm_jax.models.attention_pool`. Each term is averaged over the batch.
+`unimm_jax.models.distillation_heads`. Each term is averaged over the batch.
 """
 import jax
 import jax.numpy as jnp

@@ -41,17 +41,20 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from unimm_jax.losses import diffusion
 from unimm_jax.nn import initializers
+from unimm_jax.nn import masks
+from unimm_jax.nn.adaln import AdaLNResBlock, modulate, modulation
 from unimm_jax.nn.dtypes import compute_dtype
-from unimm_jax.nn.mlp import SwiGLU, swiglu_hidden_dim
+from unimm_jax.nn.embeddings import TimestepEmbedder, sincos_2d_embedding, timestep_embedding
+from unimm_jax.nn.mlp import SwiGLU
 from unimm_jax.nn.norms import RMSNorm
-from unimm_jax.nn.rope import GridPositions, apply_rope, grid_positions, rope_2d_angles
+from unimm_jax.nn.rope import GridPositions, grid_positions, rope_2d_angles
+from unimm_jax.nn.transformer import TransformerBlock
 
 Dtype = Any
-TIME_FREQUENCY_DIM = 256  # BitDance's TimestepEmbedder frequency_embedding_size
+__all__ = ['DiffusionHead', 'GAPPrior', 'GAPPriorConfig', 'timestep_embedding']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,100 +102,14 @@ class GAPPriorConfig:
     return cls(**overrides)
 
 
-def timestep_embedding(t: jax.Array, dim: int = TIME_FREQUENCY_DIM,
-                       max_period: float = 10000.0) -> jax.Array:
-  """BitDance's sinusoid of 1000 t: [cos(1000 t f_k), sin(1000 t f_k)], f_k = max_period^(-k/half).
-
-  Shapes: t (...) -> (..., dim) float32.
-  """
-  half = dim // 2
-  freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = 1000.0 * t.astype(jnp.float32)[..., None] * freqs
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-def sincos_2d_embedding(positions: np.ndarray, dim: int) -> np.ndarray:
-  """Fixed embedding of 2D positions: [sin(x w), cos(x w), sin(y w), cos(y w)], w_k =
-  10000^(-k / (dim / 4)). Shapes: positions (n, 2) -> (n, dim) float32 (numpy, trace time)."""
-  quarter = dim // 4
-  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
-  parts = []
-  for axis in range(2):
-    args = positions[:, axis:axis + 1].astype(np.float64) * omega[None]
-    parts += [np.sin(args), np.cos(args)]
-  return np.concatenate(parts, axis=1).astype(np.float32)
-
-
 def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Dtype,
            init: str = 'torch') -> nn.Dense:
-  """Dense with bias; init 'torch' (library default), 'xavier' or 'zeros' (BitDance's head)."""
+  """Dense with bias; init 'torch' (library default) or 'xavier' (BitDance's head)."""
   kernel = {'torch': initializers.torch_default_kernel_init,
-            'xavier': nn.initializers.xavier_uniform(),
-            'zeros': initializers.zeros_init}[init]
+            'xavier': nn.initializers.xavier_uniform()}[init]
   return nn.Dense(features, dtype=dtype, name=name,
                   kernel_init=nn.with_logical_partitioning(kernel, axes),
                   bias_init=initializers.zeros(axes[1]))
-
-
-class CausalSelfAttention(nn.Module):
-  """Bias-free causal multi-head self-attention with RoPE, laid out as
-  `unimm_jax.nn.attention.MultiHeadAttention` (kernels query/key/value (embed, heads, kv),
-  out (heads, kv, embed)), which has no causal mask.
-
-  Shapes: x (b, s, d), angles (s, head_dim // 2) -> (b, s, d).
-  """
-  num_heads: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
-    dim = x.shape[-1]
-    head_dim = dim // self.num_heads
-    init = initializers.kernel_init_axes(('embed', 'heads', 'kv'), in_axis=0, out_axis=(1, 2))
-
-    def project(name: str) -> jax.Array:
-      kernel = self.param(name, init, (dim, self.num_heads, head_dim))
-      out = jnp.einsum('bsd,dhk->bshk', x.astype(self.dtype), kernel.astype(self.dtype))
-      return nn.with_logical_constraint(out, ('batch', 'length', 'heads', 'kv'))
-
-    q, k, v = (apply_rope(project('query'), angles), apply_rope(project('key'), angles),
-               project('value'))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    out_init = initializers.kernel_init_axes(('heads', 'kv', 'embed'), in_axis=(0, 1), out_axis=2)
-    w_out = self.param('out', out_init, (self.num_heads, head_dim, dim))
-    return jnp.einsum('bshk,hkd->bsd', out, w_out.astype(self.dtype))
-
-
-class CausalBlock(nn.Module):
-  """Pre-RMSNorm block, causal attention and SwiGLU (BitDance layers.py `TransformerBlock`,
-  parameter names as `unimm_jax.nn.transformer.TransformerBlock`). (b, s, d) -> (b, s, d)."""
-  num_heads: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, angles: jax.Array) -> jax.Array:
-    h = x + CausalSelfAttention(self.num_heads, self.dtype, name='attention')(
-        RMSNorm(dtype=self.dtype, name='attention_norm')(x), angles)
-    out = h + SwiGLU(swiglu_hidden_dim(x.shape[-1]), dtype=self.dtype, name='feed_forward')(
-        RMSNorm(dtype=self.dtype, name='ffn_norm')(h))
-    return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
-
-
-class AdaLNResBlock(nn.Module):
-  """x + gate * SwiGLU(LayerNorm(x) * (1 + scale) + shift) (BitDance diff_head.py `ResBlock`;
-  its SwiGLU has biases, this one is the library's bias-free SwiGLU).
-
-  Shapes: x, scale, shift, gate (b, m, width) -> (b, m, width).
-  """
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, scale: jax.Array, shift: jax.Array,
-               gate: jax.Array) -> jax.Array:
-    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, scale_init=initializers.ones('embed'),
-                     bias_init=initializers.zeros('embed'), name='norm')(x)
-    h = SwiGLU(int(1.5 * x.shape[-1]), dtype=self.dtype, name='mlp')(h * (1 + scale) + shift)
-    return x + gate * h
 
 
 class DiffusionHead(nn.Module):
@@ -214,27 +131,19 @@ class DiffusionHead(nn.Module):
     x = _dense(self.width, (None, 'embed'), 'input_proj', dt, 'xavier')(z_t.astype(dt))
     # Everything at the head's width is 'embed'; the inputs of the width-to-width projections
     # stay unnamed (one mesh axis cannot shard both sides of a kernel).
-    time_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'embed'))
-    t_emb = nn.Dense(self.width, dtype=dt, kernel_init=time_init,
-                     bias_init=initializers.zeros('embed'), name='time_in')(
-                         timestep_embedding(t).astype(dt))
-    t_emb = nn.Dense(self.width, dtype=dt, kernel_init=time_init,
-                     bias_init=initializers.zeros('embed'), name='time_out')(nn.silu(t_emb))
+    t_emb = TimestepEmbedder(self.width, dtype=dt, name='time_embed')(t)
     c_emb = _dense(self.width, (None, 'embed'), 'cond_embed', dt, 'xavier')(cond.astype(dt))
     y = nn.silu(t_emb + c_emb)
     blocks_per_adaln = self.depth // self.adaln_blocks
     for i in range(self.depth):
-      if i % blocks_per_adaln == 0:
-        # Zero-init modulation: every block starts as the identity (gate 0).
-        modulation = _dense(3 * self.width, ('embed', 'mlp'), f'adaln_{i // blocks_per_adaln}',
-                            dt, 'zeros')(y)
-        scale, shift, gate = jnp.split(modulation, 3, axis=-1)
+      if i % blocks_per_adaln == 0:  # zero-initialised: every block starts as the identity
+        scale, shift, gate = modulation(y, 3, f'adaln_{i // blocks_per_adaln}', dt)
       x = AdaLNResBlock(dt, name=f'res_blocks_{i}')(x, scale, shift, gate)
-    scale, shift = jnp.split(_dense(2 * self.width, ('embed', 'mlp'), 'final_adaln', dt,
-                                    'zeros')(y), 2, axis=-1)
-    x = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dt,
-                     name='final_norm')(x) * (1 + scale) + shift
-    out = _dense(d, ('embed', None), 'final_linear', dt, 'zeros')(x)
+    scale, shift = modulation(y, 2, 'final_adaln', dt)
+    x = modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dt,
+                              name='final_norm')(x), scale, shift)
+    out = nn.Dense(d, dtype=dt, kernel_init=initializers.zeros('embed', None),
+                   bias_init=initializers.zeros(None), name='final_linear')(x)
     return 2.0 * jax.nn.sigmoid(out.astype(jnp.float32)) - 1.0
 
 
@@ -251,20 +160,15 @@ class GAPPrior(nn.Module):
   def setup(self):
     cfg = self.config
     dt = compute_dtype(cfg.dtype, 'gap_prior.dtype')
-    hidden = int(1.5 * cfg.width)
-    self.connector_in = _dense(2 * hidden, (None, 'mlp'), 'connector_in', dt)
-    self.connector_out = _dense(cfg.width, ('mlp', 'embed'), 'connector_out', dt)
+    # BitDance's `MLPConnector`: a SwiGLU with biases, hidden 1.5 * width, latent_dim -> width.
+    self.connector = SwiGLU(int(1.5 * cfg.width), out_features=cfg.width, use_bias=True,
+                            names=('connector_in', 'connector_out'), dtype=dt)
     if cfg.use_query_token:
       self.query = self.param('query', initializers.normal(0.02, 'embed'), (cfg.width,))
     self.embed_norm = RMSNorm(dtype=dt)
-    self.blocks = [CausalBlock(cfg.num_heads, dt) for _ in range(cfg.depth)]
+    self.blocks = [TransformerBlock(cfg.num_heads, dt) for _ in range(cfg.depth)]
     self.final_norm = RMSNorm(dtype=dt)
     self.head = DiffusionHead(cfg.head_width, cfg.head_depth, cfg.head_adaln_blocks, dt)
-
-  def _embed(self, tokens: jax.Array) -> jax.Array:
-    """BitDance's `MLPConnector`: (b, s, d) -> (b, s, width)."""
-    gate, up = jnp.split(self.connector_in(tokens), 2, axis=-1)
-    return self.connector_out(nn.silu(gate) * up)
 
   def features(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Head conditions aligned with their targets.
@@ -280,7 +184,7 @@ class GAPPrior(nn.Module):
     if h * w < 2:
       raise ValueError(f'a {h}x{w} grid has no next token to predict')
     tokens = latents.reshape(b, h * w, d).astype(jnp.float32)
-    x = self._embed(tokens[:, :-1])
+    x = self.connector(tokens[:, :-1])
     num_prefix = 1 if cfg.use_query_token else 0
     if cfg.use_query_token:
       query = jnp.broadcast_to(self.query.astype(x.dtype), (b, 1, cfg.width))
@@ -290,8 +194,9 @@ class GAPPrior(nn.Module):
     # cell j; the query, when present, at position 0 (as BitDance's class tokens).
     cells = grid_positions(h, w, GridPositions.DECODER)
     angles = rope_2d_angles(cells, cfg.width // cfg.num_heads, num_prefix=num_prefix)[:-1]
+    causal = masks.causal(b, x.shape[1])
     for block in self.blocks:
-      x = block(x, jnp.asarray(angles))
+      x = block(x, jnp.asarray(angles), causal)
     target_cells = cells[1 - num_prefix:]
     x = self.final_norm(x) + jnp.asarray(sincos_2d_embedding(target_cells, cfg.width), x.dtype)
     return x, tokens[:, 1 - num_prefix:]

@@ -2,65 +2,51 @@
 
 Layer (pre-norm, the default):  h = x + attn(norm1(x));  out = h + mlp(norm2(h))
 Layer (Chameleon `swin_norm`):   h = x + norm1(attn(x));  out = h + norm2(mlp(h))
-attn: grouped-query attention (num_kv_heads divides num_heads), softmax scale
-  1/sqrt(head_dim), optional q/k/v biases (Qwen2), optional q/k norm applied per head before
-  RoPE (Qwen3: RMSNorm over head_dim, one scale shared by all heads; Chameleon: LayerNorm
-  over head_dim, eps 1e-5, no statistics across heads, then a per-head scale and bias of
-  shape (heads, head_dim)), RoPE in the rotate-half convention (channel i pairs with
-  i + head_dim/2), then the output projection.
-mlp: SwiGLU, down(silu(gate(x)) * up(x)).
+attn: `unimm_jax.nn.attention.MultiHeadAttention` in transformers' parameter layout:
+  grouped-query attention (num_kv_heads divides num_heads), softmax scale 1/sqrt(head_dim),
+  optional q/k/v biases (Qwen2), optional q/k norm applied per head before RoPE (Qwen3:
+  RMSNorm over head_dim, one scale shared by all heads; Chameleon: LayerNorm over head_dim,
+  eps 1e-5, no statistics across heads, then a per-head scale and bias of shape (heads,
+  head_dim)), RoPE in the rotate-half convention (channel i pairs with i + head_dim/2), then
+  the output projection.
+mlp: `unimm_jax.nn.mlp.SwiGLU`, down(silu(gate(x)) * up(x)).
 Then a final RMSNorm and the LM head (its own kernel, or the token embedding when tied).
 
 Sequences: `attention_mask` (b, s) marks real tokens (left-padded batches), `segment_ids`
-(b, s) restricts attention to tokens of the same segment (packed documents); attention is
-always causal in sequence order. Positions default to the count of real tokens before each
-token (restarting per segment), as transformers numbers a left-padded batch.
+(b, s) restricts attention to tokens of the same segment (packed documents), and `mask` (a
+`unimm_jax.nn.masks.MaskSpec`) says which tokens see which: causal by default, or
+bidirectional, block-causal, prefix, or causal with bidirectional spans (an image). Positions
+default to the count of real tokens before each token (restarting per segment), as
+transformers numbers a left-padded batch.
 
 KV cache: an explicit `KVCache` pytree passed in and returned (see `init_cache`), so a
-decode loop is a plain `jax.lax.while_loop` and works the same with scanned layers.
+decode loop is a plain `jax.lax.while_loop` and works the same with scanned layers. Each
+layer writes its new keys and values into the cache in place (`unimm_jax.nn.kv_cache`).
 """
 import dataclasses
-import math
 from typing import Any
 
 import chex
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from unimm_jax.nn import initializers
+from unimm_jax.nn import kv_cache
+from unimm_jax.nn import masks
+from unimm_jax.nn.attention import MultiHeadAttention
+from unimm_jax.nn.kv_cache import CACHE_AXES, KVCache
+from unimm_jax.nn.mlp import SwiGLU
 from unimm_jax.nn.norms import RMSNorm
+from unimm_jax.nn.rope import RopeScaling, rope_1d_angles, rope_inverse_frequencies
 
 Dtype = Any
-RopeCosSin = tuple[jax.Array, jax.Array]
 
-ROPE_TYPES = ('linear', 'llama3')
 QK_NORMS = (None, 'rms', 'chameleon')
-# Logical axes of KVCache.keys / .values, for sharding a cache made outside the model.
-CACHE_AXES = ('layers', 'batch', 'length', 'heads', 'kv')
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-  """RoPE frequency scaling, transformers' `rope_parameters` beyond 'default'.
-
-  'linear': every inverse frequency divided by `factor`.
-  'llama3': frequencies with wavelength above original_max_position_embeddings /
-    low_freq_factor divided by `factor`, below original / high_freq_factor kept, and
-    interpolated in between (Llama 3.1).
-  """
-  rope_type: str
-  factor: float
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
-
-  def __post_init__(self):
-    if self.rope_type not in ROPE_TYPES:
-      raise ValueError(f'rope scaling type {self.rope_type!r} is not supported; '
-                       f'supported: {ROPE_TYPES}')
+_ATTENTION_QK_NORMS = {None: None, 'rms': 'rms', 'chameleon': 'layernorm'}
+__all__ = ['CACHE_AXES', 'KVCache', 'LLM', 'LLMConfig', 'RopeScaling', 'default_positions',
+           'init_cache']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +62,8 @@ class LLMConfig:
   dtype / param_dtype: compute and parameter dtypes.
   scan_layers: one `nn.scan` over layers, params stacked on a leading 'layers' axis.
   remat: recompute each layer's activations in the backward pass.
+  attention_impl: `jax.nn.dot_product_attention`'s implementation: 'xla' (every backend),
+    'cudnn' (fused kernel on NVIDIA GPUs) or None (JAX chooses).
   """
   vocab_size: int
   hidden_size: int
@@ -99,6 +87,7 @@ class LLMConfig:
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = False
   remat: bool = False
+  attention_impl: str | None = 'xla'
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -120,72 +109,10 @@ class LLMConfig:
                        f'(vocab_size={self.vocab_size})')
 
 
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of every layer for `max_length` slots, shared by all rows.
-
-  A call with s new tokens writes them at slots [index, index + s) of every row (rows of a
-  left-padded batch end together), so one scalar `index` serves the batch; `valid` records
-  which slots hold real tokens and `lengths` how many real tokens each row has seen, which
-  is the position of its next token.
-
-  keys, values: (layers, b, max_length, kv_heads, head_dim), compute dtype.
-  valid: (b, max_length) bool.
-  lengths: (b,) int32.
-  index: () int32, slots written so far.
-  """
-  keys: jax.Array
-  values: jax.Array
-  valid: jax.Array
-  lengths: jax.Array
-  index: jax.Array
-
-
 def init_cache(config: LLMConfig, batch_size: int, max_length: int) -> KVCache:
   """An empty cache with room for `max_length` tokens (prompt, padding and new tokens)."""
-  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
-  return KVCache(keys=jnp.zeros(shape, config.dtype), values=jnp.zeros(shape, config.dtype),
-                 valid=jnp.zeros((batch_size, max_length), bool),
-                 lengths=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
-
-
-def rope_inverse_frequencies(config: LLMConfig) -> np.ndarray:
-  """(head_dim // 2,) float32 inverse frequencies, scaled as config.rope_scaling says.
-
-  Computed in float32 as transformers does, so angles agree to the last bits.
-  """
-  dim = config.head_dim
-  inv = (1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
-         ).astype(np.float32)
-  scaling = config.rope_scaling
-  if scaling is None:
-    return inv
-  if scaling.rope_type == 'linear':
-    return (inv / np.float32(scaling.factor)).astype(np.float32)
-  old_len = np.float32(scaling.original_max_position_embeddings)
-  low, high, factor = (np.float32(v) for v in (scaling.low_freq_factor, scaling.high_freq_factor,
-                                               scaling.factor))
-  wavelen = np.float32(2 * math.pi) / inv
-  scaled = np.where(wavelen > old_len / low, inv / factor, inv)
-  smooth = (old_len / wavelen - low) / (high - low)
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def rope_cos_sin(positions: jax.Array, config: LLMConfig) -> RopeCosSin:
-  """cos and sin of every channel's angle, (b, s, head_dim) float32 each (halves repeated)."""
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(config))
-  angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope_rotate_half(x: jax.Array, cos_sin: RopeCosSin) -> jax.Array:
-  """Rotate-half RoPE: x * cos + [-x2, x1] * sin, in float32. (b, s, h, d) -> (b, s, h, d)."""
-  cos, sin = (t[:, :, None, :] for t in cos_sin)
-  x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  return (x32 * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
+  return kv_cache.init_cache(config.num_layers, batch_size, max_length, config.num_kv_heads,
+                             config.head_dim, config.dtype)
 
 
 def default_positions(mask: jax.Array, segment_ids: jax.Array | None = None,
@@ -206,127 +133,46 @@ def default_positions(mask: jax.Array, segment_ids: jax.Array | None = None,
   return positions if offset is None else positions + offset[:, None]
 
 
-class Projection(nn.Module):
-  """x (..., *in) . kernel (*in, *out) [+ bias (*out)] -> (..., *out); N(0, std) init.
-
-  `axes` names the kernel's axes (input ones first); the bias takes the output names.
-  """
-  out_shape: tuple[int, ...]
-  axes: tuple[str, ...]
-  use_bias: bool
-  config: LLMConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = self.config
-    num_in = len(self.axes) - len(self.out_shape)
-    kernel = self.param('kernel', initializers.normal(c.initializer_range, *self.axes),
-                        x.shape[x.ndim - num_in:] + self.out_shape, c.param_dtype)
-    y = jnp.tensordot(x.astype(c.dtype), kernel.astype(c.dtype), axes=num_in)
-    if self.use_bias:
-      bias = self.param('bias', initializers.zeros(*self.axes[num_in:]), self.out_shape,
-                        c.param_dtype)
-      y = y + bias.astype(c.dtype)
-    return y
-
-
-class ChameleonQKNorm(nn.Module):
-  """Chameleon's per-head norm of queries or keys. Shapes: (b, s, heads, head_dim) -> same.
-
-  LayerNorm statistics over head_dim only (eps 1e-5, fixed in transformers'
-  ChameleonLayerNorm), then a (heads, head_dim) scale and bias: Chameleon was trained with
-  its heads split over model-parallel ranks that each kept their own affine parameters.
-  """
-  config: LLMConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    centred = x32 - jnp.mean(x32, -1, keepdims=True)
-    y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + 1e-5)
-    scale = self.param('scale', initializers.ones('heads', 'kv'), x.shape[-2:], jnp.float32)
-    bias = self.param('bias', initializers.zeros('heads', 'kv'), x.shape[-2:], jnp.float32)
-    return (y * scale + bias).astype(self.config.dtype)
-
-
-def _qk_norm(c: LLMConfig, name: str) -> nn.Module:
-  """Qwen3: RMSNorm over head_dim with one (head_dim,) scale; Chameleon: see above."""
-  if c.qk_norm == 'rms':
-    return RMSNorm(c.rms_norm_eps, dtype=c.dtype, scale_axis='kv', name=name)
-  return ChameleonQKNorm(c, name=name)
-
-
-class Attention(nn.Module):
-  """Grouped-query causal self-attention with RoPE, reading and extending a layer's cache.
-
-  Shapes: x (b, s, d); cos_sin (b, s, head_dim) each; mask (b, 1, s, t) bool with t = s
-  without a cache, t = max_length with one; cache None or this layer's (keys, values), each
-  (b, max_length, kv_heads, head_dim); index () int32 slot of the first new token.
-  Returns (b, s, d) and, with a cache, the new tokens' (keys, values) (b, s, kv_heads,
-  head_dim) for the caller to store.
-  """
-  config: LLMConfig
-
-  @nn.compact
-  def __call__(self, x, cos_sin, mask, cache, index):
-    c = self.config
-    q = Projection((c.num_heads, c.head_dim), ('embed', 'heads', 'kv'), c.qkv_bias, c,
-                   name='q_proj')(x)
-    # kv heads shard over 'heads' too; spec_for replicates them when tensor does not divide.
-    k, v = (Projection((c.num_kv_heads, c.head_dim), ('embed', 'heads', 'kv'), c.qkv_bias, c,
-                       name=name)(x) for name in ('k_proj', 'v_proj'))
-    if c.qk_norm is not None:
-      q, k = _qk_norm(c, 'q_norm')(q), _qk_norm(c, 'k_norm')(k)
-    q, k = apply_rope_rotate_half(q, cos_sin), apply_rope_rotate_half(k, cos_sin)
-    q, k, v = (nn.with_logical_constraint(t, ('batch', 'length', 'heads', 'kv'))
-               for t in (q, k, v))
-    new_kv = None
-    if cache is not None:
-      new_kv = (k, v)
-      k, v = (jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, index, 0, 0))
-              for old, new in zip(cache, new_kv))
-    # XLA's implementation takes logits and softmax in float32 and handles GQA itself.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return Projection((x.shape[-1],), ('heads', 'kv', 'embed'), c.out_bias, c,
-                      name='o_proj')(out), new_kv
-
-
-class MLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x)). Shapes: (b, s, d) -> (b, s, d)."""
-  config: LLMConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = self.config
-    gate, up = (Projection((c.intermediate_size,), ('embed', 'mlp'), c.mlp_bias, c,
-                           name=name)(x) for name in ('gate_proj', 'up_proj'))
-    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ('batch', 'length', 'mlp'))
-    return Projection((c.hidden_size,), ('mlp', 'embed'), c.mlp_bias, c, name='down_proj')(hidden)
-
-
 class DecoderLayer(nn.Module):
   """One decoder layer, in `nn.scan`'s (carry, inputs) -> (carry, outputs) form.
 
-  Shapes: x (b, s, d) -> (b, s, d); see `Attention` for the other arguments and the second
-  output.
+  Shapes: carry = (x (b, s, d), cache: a `kv_cache.LayerCache` over every layer's slots, or
+  None); layer () int32, this layer's index into the cache; angles (b, s, head_dim // 2)
+  rotary angles; mask (b, 1, s, t) bool with t = s without a cache, t = max_length with one.
+  Returns ((x, cache), None).
   """
   config: LLMConfig
 
   @nn.compact
-  def __call__(self, x, cos_sin, mask, cache, index):
+  def __call__(self, carry, layer, angles, mask):
     c = self.config
+    x, cache = carry
     norm1 = RMSNorm(c.rms_norm_eps, dtype=c.dtype, name='input_layernorm')
     norm2 = RMSNorm(c.rms_norm_eps, dtype=c.dtype, name='post_attention_layernorm')
-    attention, mlp = Attention(c, name='self_attn'), MLP(c, name='mlp')
+    attention = MultiHeadAttention(
+        c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, qkv_bias=c.qkv_bias,
+        out_bias=c.out_bias, qk_norm=_ATTENTION_QK_NORMS[c.qk_norm],
+        qk_norm_eps=c.rms_norm_eps if c.qk_norm == 'rms' else 1e-5, rope='rotate_half',
+        param_layout='hf', kernel_stddev=c.initializer_range, implementation=c.attention_impl,
+        dtype=c.dtype, param_dtype=c.param_dtype, name='self_attn')
+    mlp = SwiGLU(c.intermediate_size, use_bias=c.mlp_bias, layout='hf',
+                 kernel_stddev=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype,
+                 name='mlp')
+
+    def attend(h):
+      if cache is None:
+        return attention(h, angles=angles, mask=mask), None
+      return attention(h, angles=angles, mask=mask, cache=cache.replace(layer=layer))
+
     if c.swin_norm:
-      attended, new_kv = attention(x, cos_sin, mask, cache, index)
+      attended, cache = attend(x)
       h = x + norm1(attended)
       out = h + norm2(mlp(h))
     else:
-      attended, new_kv = attention(norm1(x), cos_sin, mask, cache, index)
+      attended, cache = attend(norm1(x))
       h = x + attended
       out = h + mlp(norm2(h))
-    return nn.with_logical_constraint(out, ('batch', 'length', 'embed')), new_kv
+    return (nn.with_logical_constraint(out, ('batch', 'length', 'embed')), cache), None
 
 
 class LLM(nn.Module):
@@ -345,8 +191,7 @@ class LLM(nn.Module):
     layer_cls = nn.remat(DecoderLayer, prevent_cse=not c.scan_layers) if c.remat else DecoderLayer
     if c.scan_layers:
       self.layers = nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True},
-                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                            length=c.num_layers,
+                            in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
                             metadata_params={nn.PARTITION_NAME: 'layers'})(c)
     else:
       self.layers = [layer_cls(c) for _ in range(c.num_layers)]
@@ -365,6 +210,7 @@ class LLM(nn.Module):
                     positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None,
                     attention_mask: jax.Array | None = None,
+                    mask: masks.MaskSpec | None = None,
                     cache: KVCache | None = None):
     """Final-normed hidden states. See `__call__` for the arguments.
 
@@ -380,41 +226,39 @@ class LLM(nn.Module):
     if cache is not None and segment_ids is not None:
       raise ValueError('segment_ids (packed sequences) cannot be used with a KV cache')
     real = jnp.ones((b, s), bool) if attention_mask is None else attention_mask.astype(bool)
+    if mask is None:
+      mask = masks.causal(b, s, offset=0 if cache is None else cache.index)
+    if mask.shape != (b, s):
+      raise ValueError(f'mask spec of shape {mask.shape} for a ({b}, {s}) batch')
+    key_order = masks.with_padding(mask, real).order
     if cache is None:
       if positions is None:
         positions = default_positions(real, segment_ids)
-      keep = jnp.tril(jnp.ones((s, s), bool))[None] & real[:, None, :]
-      if segment_ids is not None:
-        keep &= segment_ids[:, :, None] == segment_ids[:, None, :]
-      layer_cache, index = None, None
+      dense = masks.dense_mask(mask.order, key_order, segment_ids, segment_ids)
+      layer_cache = None
     else:
       if positions is None:
         positions = default_positions(real, offset=cache.lengths)
-      valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
-      slots = jnp.arange(valid.shape[1])
-      keep = (slots[None, :] <= cache.index + jnp.arange(s)[:, None])[None] & valid[:, None, :]
-      layer_cache, index = (cache.keys, cache.values), cache.index
-    mask = keep[:, None]
-    cos_sin = rope_cos_sin(positions, c)
+      order = jax.lax.dynamic_update_slice(cache.order, key_order, (0, cache.index))
+      dense = masks.dense_mask(mask.order, order)
+      # Under nn.scan the layer index is traced, so the carry holds it as an array from the start.
+      first = jnp.zeros((), jnp.int32) if c.scan_layers else 0
+      layer_cache = kv_cache.LayerCache(cache.keys, cache.values, first, cache.index)
+    angles = rope_1d_angles(positions, rope_inverse_frequencies(c.head_dim, c.rope_theta,
+                                                                c.rope_scaling))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     if c.scan_layers:
-      x, new_kv = self.layers(x, cos_sin, mask, layer_cache, index)
+      (x, layer_cache), _ = self.layers((x, layer_cache), jnp.arange(c.num_layers), angles,
+                                        dense)
     else:
-      per_layer = []
       for i, layer in enumerate(self.layers):
-        this_cache = None if cache is None else (cache.keys[i], cache.values[i])
-        x, kv = layer(x, cos_sin, mask, this_cache, index)
-        per_layer.append(kv)
-      new_kv = None if cache is None else tuple(jnp.stack(t) for t in zip(*per_layer))
+        (x, layer_cache), _ = layer((x, layer_cache), i, angles, dense)
     x = self.norm(x)
     if cache is None:
       return x
-    keys, values = (
-        nn.with_logical_constraint(
-            jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, cache.index, 0, 0)),
-            CACHE_AXES)
-        for old, new in zip((cache.keys, cache.values), new_kv))
-    return x, KVCache(keys=keys, values=values, valid=valid,
+    keys, values = (nn.with_logical_constraint(t, CACHE_AXES)
+                    for t in (layer_cache.keys, layer_cache.values))
+    return x, KVCache(keys=keys, values=values, order=order,
                       lengths=cache.lengths + jnp.sum(real, axis=1, dtype=jnp.int32),
                       index=cache.index + s)
 
@@ -437,6 +281,7 @@ class LLM(nn.Module):
                positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
                attention_mask: jax.Array | None = None,
+               mask: masks.MaskSpec | None = None,
                cache: KVCache | None = None):
     """Next-token logits.
 
@@ -449,12 +294,15 @@ class LLM(nn.Module):
       segment_ids: (b, s) int; attention stays within runs of equal ids (packed
         documents). Not with a cache.
       attention_mask: (b, s) 1 for real tokens, 0 for padding (left-padded batches).
+      mask: which tokens see which (`unimm_jax.nn.masks`); default causal. With a cache its
+        orders continue the cache's (`masks.causal(b, s, offset=cache.index)`).
       cache: a KVCache; the s tokens are written at its next slots.
     Returns:
       (b, s, vocab) float32 logits; with a cache, (logits, updated cache).
     """
     out = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
-                             segment_ids=segment_ids, attention_mask=attention_mask, cache=cache)
+                             segment_ids=segment_ids, attention_mask=attention_mask, mask=mask,
+                             cache=cache)
     if cache is None:
       return self.logits(out)
     hidden, cache = out

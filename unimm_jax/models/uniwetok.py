@@ -70,6 +70,7 @@ class UniWeTokEncoder(nn.Module):
   double_channel_downsample: bool
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention_impl: str | None = 'xla'
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -87,7 +88,7 @@ class UniWeTokEncoder(nn.Module):
     if self.num_attn_blocks:
       x = GridTransformer(self.num_attn_blocks, self.num_heads, self.num_registers,
                           GridPositions.ENCODER, dtype=self.dtype, remat=self.remat,
-                          name='mid_attn')(x)
+                          implementation=self.attention_impl, name='mid_attn')(x)
     x = GroupNorm(dtype=self.dtype, name='norm_out')(x)
     # The head runs in float32: its output is the quantizer's input, whose sign decides codes.
     u = conv(self.z_channels, 1, use_bias=True, dtype=jnp.float32, name='conv_out')(
@@ -108,6 +109,7 @@ class UniWeTokDecoder(nn.Module):
   generative: bool
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention_impl: str | None = 'xla'
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -123,7 +125,7 @@ class UniWeTokDecoder(nn.Module):
     if self.num_attn_blocks:
       x = GridTransformer(self.num_attn_blocks, self.num_heads, self.num_registers,
                           GridPositions.DECODER, dtype=self.dtype, remat=self.remat,
-                          name='mid_attn')(x)
+                          implementation=self.attention_impl, name='mid_attn')(x)
     for block in range(self.num_res_blocks):
       x = res_block(widths[-1], dtype=self.dtype, name=f'mid_block_{block}')(x)
     for level in reversed(range(len(widths))):
@@ -143,7 +145,8 @@ class UniWeTok(nn.Module):
   num_heads, num_registers, groups (g), group_bits (d'), siglu (False = identity head),
   double_channel_downsample (False = WeTok's downsampling), generative_decoder,
   entropy_temperature, dtype ('float32' | 'bfloat16': compute dtype; params stay float32),
-  remat (recompute each transformer block and ResBlock in the backward pass).
+  remat (recompute each transformer block and ResBlock in the backward pass), attention_impl
+  (`jax.nn.dot_product_attention`'s implementation: 'xla', or 'cudnn' on NVIDIA GPUs).
 
   With `generative_decoder`, every decode draws noise from the 'noise' rng stream, so
   `apply` needs rngs={'noise': key} for __call__ and decode.
@@ -159,7 +162,8 @@ class UniWeTok(nn.Module):
     dtype = compute_dtype(cfg.dtype, 'config.model.dtype')
     shared = dict(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                   num_attn_blocks=cfg.num_attn_blocks, num_heads=cfg.num_heads,
-                  num_registers=cfg.num_registers, dtype=dtype, remat=cfg.remat)
+                  num_registers=cfg.num_registers, dtype=dtype, remat=cfg.remat,
+                  attention_impl=cfg.attention_impl)
     self.encoder = UniWeTokEncoder(
         z_channels=cfg.groups * cfg.group_bits, siglu=cfg.siglu,
         double_channel_downsample=cfg.double_channel_downsample, **shared)

@@ -39,17 +39,12 @@ import jax.numpy as jnp
 
 from unimm_jax.nn import initializers
 from unimm_jax.nn.attention import MultiHeadAttention
+from unimm_jax.nn.attention_pool import AttentionPool
+from unimm_jax.nn.mlp import ACTIVATIONS, MLP, SwiGLU
 from unimm_jax.nn.resize import resize_bicubic, resize_grid_to_shapes
 
 Dtype = Any
 FAMILIES = ('siglip', 'siglip2', 'dinov2', 'clip')
-_ACTIVATIONS = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
-    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
-    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
-    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
-    'silu': jax.nn.silu,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +66,14 @@ class ViTConfig:
   dtype: Dtype = jnp.float32  # compute dtype; params keep theirs
   scan_layers: bool = False
   remat: bool = False
+  attention_impl: str | None = 'xla'  # jax.nn.dot_product_attention's implementation
 
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ValueError(f'ViTConfig.family={self.family!r} is not one of {FAMILIES}')
-    if self.activation not in _ACTIVATIONS:
+    if self.activation not in ACTIVATIONS:
       raise ValueError(f'ViTConfig.activation={self.activation!r} is not one of '
-                       f'{sorted(_ACTIVATIONS)}')
+                       f'{sorted(ACTIVATIONS)}')
     if self.hidden_size % self.num_heads:
       raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_heads '
                        f'{self.num_heads}')
@@ -103,30 +99,13 @@ def _layer_norm(config: ViTConfig, name: str) -> nn.LayerNorm:
                       name=name)
 
 
-class FeedForward(nn.Module):
-  """fc2(act(fc1(x))), or with `swiglu` fc2(silu(gate(x)) * up(x)). Shapes: (..., d) -> (..., d).
-
-  The SwiGLU input kernel is (embed, 2, mlp): index 0 the gate, index 1 the up projection.
-  """
-  config: ViTConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = self.config
-    dim = x.shape[-1]
-    if c.swiglu:
-      w_in = self.param('fc1', initializers.kernel_init_axes(('embed', None, 'mlp'), in_axis=0,
-                                                             out_axis=(1, 2)), (dim, 2, c.mlp_dim))
-      b_in = self.param('fc1_bias', initializers.zeros(None, 'mlp'), (2, c.mlp_dim))
-      h = jnp.einsum('...d,dgm->...gm', x, w_in.astype(c.dtype)) + b_in.astype(c.dtype)
-      h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
-    else:
-      h = nn.Dense(c.mlp_dim, dtype=c.dtype, kernel_init=initializers.kernel_init('embed', 'mlp'),
-                   bias_init=initializers.zeros('mlp'), name='fc1')(x)
-      h = _ACTIVATIONS[c.activation](h)
-    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
-    return nn.Dense(dim, dtype=c.dtype, kernel_init=initializers.kernel_init('mlp', 'embed'),
-                    bias_init=initializers.zeros('embed'), name='fc2')(h)
+def _feed_forward(config: ViTConfig) -> nn.Module:
+  """The block's MLP: fc2(act(fc1(x))), or DINOv2-giant's SwiGLU with biases, its input kernel
+  `fc1` (embed, 2, mlp) (index 0 the gate, index 1 the up projection)."""
+  if config.swiglu:
+    return SwiGLU(config.mlp_dim, use_bias=True, names=('fc1', 'fc2'), dtype=config.dtype,
+                  name='mlp')
+  return MLP(config.mlp_dim, config.activation, config.dtype, name='mlp')
 
 
 class EncoderLayer(nn.Module):
@@ -139,34 +118,17 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     c = self.config
-    h = MultiHeadAttention(c.num_heads, use_bias=True, dtype=c.dtype, name='attention')(
-        _layer_norm(c, 'norm1')(x), key_mask=key_mask)
+    h = MultiHeadAttention(c.num_heads, qkv_bias=True, out_bias=True,
+                           implementation=c.attention_impl, dtype=c.dtype, name='attention')(
+                               _layer_norm(c, 'norm1')(x), key_mask=key_mask)
     if c.family == 'dinov2':
       h = h * self.param('layer_scale1', initializers.ones('embed'), (x.shape[-1],)).astype(c.dtype)
     x = x + h
-    h = FeedForward(c, name='mlp')(_layer_norm(c, 'norm2')(x))
+    h = _feed_forward(c)(_layer_norm(c, 'norm2')(x))
     if c.family == 'dinov2':
       h = h * self.param('layer_scale2', initializers.ones('embed'), (x.shape[-1],)).astype(c.dtype)
     x = nn.with_logical_constraint(x + h, ('batch', 'length', 'embed'))
     return x, x
-
-
-class AttentionPoolingHead(nn.Module):
-  """SigLIP's MAP head: a learned probe attends over the tokens, then y + MLP(LN(y)).
-
-  Shapes: x (b, s, d), key_mask (b, s) or None -> (b, d).
-  """
-  config: ViTConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
-    c = self.config
-    probe = self.param('probe', initializers.normal(1.0, None, 'embed'), (1, x.shape[-1]))
-    queries = jnp.broadcast_to(probe.astype(c.dtype), (x.shape[0],) + probe.shape)
-    y = MultiHeadAttention(c.num_heads, use_bias=True, dtype=c.dtype, name='attention')(
-        queries, x, key_mask=key_mask)
-    y = y + FeedForward(c, name='mlp')(_layer_norm(c, 'layernorm')(y))
-    return y[:, 0]
 
 
 class VisionTransformer(nn.Module):
@@ -217,7 +179,10 @@ class VisionTransformer(nn.Module):
       last = _layer_norm(c, 'final_norm')(last)
       pooled = last[:, 0] if c.family == 'dinov2' else None
       if c.family in ('siglip', 'siglip2') and c.use_head:
-        pooled = AttentionPoolingHead(c, name='head')(last, key_mask)
+        # SigLIP's MAP head: a learned probe attends over the tokens, then y + MLP(LN(y)).
+        pooled = AttentionPool(c.num_heads, c.mlp_dim, c.activation, c.layer_norm_eps,
+                               implementation=c.attention_impl, dtype=c.dtype,
+                               name='head')(last, key_mask)
     return {'last_hidden_state': last, 'pooler_output': pooled, 'hidden_states': hidden_states}
 
   def _embed(self, pixel_values, pixel_attention_mask, spatial_shapes, interpolate_pos_encoding):

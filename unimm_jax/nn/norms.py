@@ -1,4 +1,5 @@
-"""Normalisation layers: RMSNorm, GroupNorm sized for any width, AdaptiveGroupNorm.
+"""Normalisation layers: RMSNorm, GroupNorm sized for any width, AdaptiveGroupNorm, and the
+per-head LayerNorm of Chameleon's queries and keys.
 
 All statistics are computed in float32 whatever the compute dtype, because variances of
 bf16 activations lose most of their mantissa; outputs are cast back to the compute dtype.
@@ -106,3 +107,24 @@ class AdaptiveGroupNorm(nn.Module):
     bias = modulation('beta')(mean)[:, None, None, :]
     normed = GroupNorm(epsilon=self.epsilon, affine=False, dtype=jnp.float32, name='gn')(x)
     return (scale * normed + bias).astype(self.dtype)
+
+
+class HeadwiseLayerNorm(nn.Module):
+  """LayerNorm of each attention head over head_dim, with a per-head affine (Chameleon's q/k
+  norm). Shapes: (b, s, heads, head_dim) -> same.
+
+  Statistics over head_dim only (eps 1e-5, fixed in transformers' ChameleonLayerNorm), then a
+  (heads, head_dim) scale and bias: Chameleon was trained with its heads split over
+  model-parallel ranks that each kept their own affine parameters.
+  """
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, -1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + self.epsilon)
+    scale = self.param('scale', initializers.ones('heads', 'kv'), x.shape[-2:], jnp.float32)
+    bias = self.param('bias', initializers.zeros('heads', 'kv'), x.shape[-2:], jnp.float32)
+    return (y * scale + bias).astype(self.dtype)

@@ -1,7 +1,9 @@
 """Pre-norm transformer blocks and the register-token grid transformer of UniWeTok.
 
-Block (BitDance autoencoder_uni.py `TransformerBlock`):
-  h = x + attn(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h)), RMSNorm eps 1e-6, no dropout.
+Block (BitDance autoencoder_uni.py and layers.py `TransformerBlock`):
+  h = x + attn(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h)), RMSNorm eps 1e-6, no dropout;
+  attention without biases, 2D RoPE on adjacent channel pairs, and any mask of
+  `unimm_jax.nn.masks` (UniWeTok's grid: none; the GAP prior: causal).
 """
 from typing import Any
 
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm_jax.nn import initializers
+from unimm_jax.nn import masks
 from unimm_jax.nn.attention import MultiHeadAttention
 from unimm_jax.nn.mlp import SwiGLU, swiglu_hidden_dim
 from unimm_jax.nn.norms import RMSNorm
@@ -20,15 +23,19 @@ Dtype = Any
 
 
 class TransformerBlock(nn.Module):
-  """Pre-RMSNorm block with full attention and SwiGLU. Shapes: (b, s, d) -> (b, s, d)."""
+  """Pre-RMSNorm block with attention and SwiGLU. Shapes: x (b, s, d), angles (s, head_dim // 2)
+  or None, mask a MaskSpec or None (every token sees every token) -> (b, s, d)."""
   num_heads: int
   dtype: Dtype = jnp.float32
+  implementation: str | None = 'xla'
 
   @nn.compact
-  def __call__(self, x: jax.Array, angles: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, angles: jax.Array | None = None,
+               mask: masks.MaskSpec | None = None) -> jax.Array:
     dim = x.shape[-1]
-    h = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name='attention')(
-        RMSNorm(dtype=self.dtype, name='attention_norm')(x), angles=angles)
+    h = x + MultiHeadAttention(self.num_heads, implementation=self.implementation,
+                               dtype=self.dtype, name='attention')(
+        RMSNorm(dtype=self.dtype, name='attention_norm')(x), angles=angles, mask=mask)
     out = h + SwiGLU(swiglu_hidden_dim(dim), dtype=self.dtype, name='feed_forward')(
         RMSNorm(dtype=self.dtype, name='ffn_norm')(h))
     return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
@@ -44,12 +51,15 @@ class TransformerStack(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   remat: bool = False
+  implementation: str | None = 'xla'
 
   @nn.compact
-  def __call__(self, x: jax.Array, angles: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, angles: jax.Array | None = None,
+               mask: masks.MaskSpec | None = None) -> jax.Array:
     block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
     for i in range(self.num_blocks):
-      x = block_cls(self.num_heads, dtype=self.dtype, name=f'blocks_{i}')(x, angles)
+      x = block_cls(self.num_heads, dtype=self.dtype, implementation=self.implementation,
+                    name=f'blocks_{i}')(x, angles, mask)
     return x
 
 
@@ -69,6 +79,7 @@ class GridTransformer(nn.Module):
   positions: GridPositions
   dtype: Dtype = jnp.float32
   remat: bool = False
+  implementation: str | None = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -86,5 +97,5 @@ class GridTransformer(nn.Module):
     angles = jnp.asarray(rope_2d_angles(grid_positions(h, w, self.positions), c // self.num_heads,
                                         num_prefix=self.num_registers))
     tokens = TransformerStack(self.num_blocks, self.num_heads, dtype=self.dtype, remat=self.remat,
-                              name='stack')(tokens, angles)
+                              implementation=self.implementation, name='stack')(tokens, angles)
     return tokens[:, self.num_registers:].reshape(b, h, w, c)

@@ -25,7 +25,7 @@ from unimm_jax.evals import lpips as lpips_weights
 from unimm_jax.losses import distillation
 from unimm_jax.losses import gan
 from unimm_jax.losses import reconstruction
-from unimm_jax.models import attention_pool
+from unimm_jax.models import distillation_heads
 from unimm_jax.models import gap_prior
 from unimm_jax.models import lpips
 from unimm_jax.models import registry
@@ -67,7 +67,7 @@ class TokenizerTask:
         raise ValueError("Pre-Post Distillation compares pooled embeddings: set "
                          "config.teacher.feature='pooled'")
       dc = config.distill
-      self.heads = attention_pool.PrePostHeads(
+      self.heads = distillation_heads.PrePostHeads(
           kind=dc.head, out_dim=self.teacher.model.config.hidden_size, num_heads=dc.num_heads,
           width=dc.width or None, pre=bool(loss.pre_distill), post=bool(loss.post_distill))
     if loss.gap:

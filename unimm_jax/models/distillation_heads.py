@@ -11,9 +11,10 @@ are ours:
   linear     y = W mean_n(x) + b. Because the map is linear, this equals projecting every
              token and then averaging, so both readings of "linear head" are the same function
              with the same (c, out_dim) parameters.
-  attention  The teacher's own pooling, SigLIP's MAP head, placed on the tokenizer's tokens:
-             t = LN(Dense(x)) to the head width; y = MHA(probe, t, t) with one learned probe;
-             y = y + MLP(LN(y)); out = Dense(y) to out_dim. SigLIP2's pooled f_T is the
+  attention  The teacher's own pooling, SigLIP's MAP head (`unimm_jax.nn.attention_pool`),
+             placed on the tokenizer's tokens: t = LN(Dense(x)) to the head width;
+             y = MHA(probe, t, t) with one learned probe; y = y + MLP(LN(y)); out = Dense(y)
+             to out_dim. SigLIP2's pooled f_T is the
              output of exactly such a head over its LayerNormed last tokens, so the student
              is given the form of the function that made its target. The LayerNorm on the
              projected tokens stands in for SigLIP's final LayerNorm and fixes the key scale,
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm_jax.nn import initializers
-from unimm_jax.nn.attention import MultiHeadAttention
+from unimm_jax.nn.attention_pool import AttentionPool
 
 Dtype = Any
 HEAD_KINDS = ('linear', 'attention')
@@ -50,13 +51,6 @@ def _flatten_tokens(tokens: jax.Array, key_mask: jax.Array | None
   b, c = tokens.shape[0], tokens.shape[-1]
   tokens = tokens.reshape(b, -1, c)
   return tokens, None if key_mask is None else key_mask.reshape(b, -1).astype(bool)
-
-
-def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-  # Two-pass variance, as torch's LayerNorm (and vit.py) computes it.
-  return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype,
-                      scale_init=initializers.ones('embed'), bias_init=initializers.zeros('embed'),
-                      name=name)
 
 
 class SemanticHead(nn.Module):
@@ -104,27 +98,20 @@ class SemanticHead(nn.Module):
     # The tokenizer's channels (128 at the paper's size) are few; their axis is replicated.
     t = nn.Dense(width, dtype=self.dtype, kernel_init=initializers.kernel_init('conv_in', 'embed'),
                  bias_init=initializers.zeros('embed'), name='in_proj')(x)
-    t = _layer_norm(self.dtype, 'token_norm')(t)
+    # Two-pass variance, as torch's LayerNorm computes it.
+    t = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                     scale_init=initializers.ones('embed'), bias_init=initializers.zeros('embed'),
+                     name='token_norm')(t)
     t = nn.with_logical_constraint(t, ('batch', 'length', 'embed'))
-    # N(0, 1) like SigLIP's probe (torch.randn): the scale of the LayerNormed tokens it meets.
-    probe = self.param('probe', initializers.normal(1.0, None, 'embed'), (1, width))
-    queries = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, width))
-    y = MultiHeadAttention(self.num_heads, use_bias=True, dtype=self.dtype, name='attention')(
-        queries, t, key_mask=mask)
-    if self.mlp_ratio:
-      hidden = int(self.mlp_ratio * width)
-      h = _layer_norm(self.dtype, 'mlp_norm')(y)
-      h = nn.Dense(hidden, dtype=self.dtype, kernel_init=initializers.kernel_init('embed', 'mlp'),
-                   bias_init=initializers.zeros('mlp'), name='fc1')(h)
-      h = jax.nn.gelu(h, approximate=True)
-      h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
-      y = y + nn.Dense(width, dtype=self.dtype,
-                       kernel_init=initializers.kernel_init('mlp', 'embed'),
-                       bias_init=initializers.zeros('embed'), name='fc2')(h)
+    # The pool's params (probe, attention, mlp_norm, fc1, fc2) sit beside in_proj and out_proj.
+    pool = AttentionPool(self.num_heads, int(self.mlp_ratio * width), 'gelu_pytorch_tanh',
+                         norm_name='mlp_norm', nested_mlp=False, dtype=self.dtype)
+    nn.share_scope(self, pool)
+    y = pool(t, mask)
     # The output axis is the teacher's width; 'embed' already names the input axis.
     out = nn.Dense(self.out_dim, dtype=self.dtype,
                    kernel_init=initializers.kernel_init('embed', None),
-                   bias_init=initializers.zeros(None), name='out_proj')(y[:, 0])
+                   bias_init=initializers.zeros(None), name='out_proj')(y)
     return out.astype(jnp.float32)
 
   @staticmethod
