@@ -44,10 +44,14 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       dtype="float32",
       scan_layers=False,
       remat=False,
+      attention_impl="xla",  # jax.nn.dot_product_attention's: 'xla', or 'cudnn' on GPUs
   ))
   config.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.1,
-      schedule="cosine", warmup_steps=50, grad_clip=1.0))
+      schedule="cosine", warmup_steps=50, grad_clip=1.0,
+      # Parameter groups (unimm_jax/train/optimizers.py): name -> dict(pattern=REGEX over
+      # paths such as 'layers_0/mlp/up_proj/kernel', lr_mult, weight_decay, frozen).
+      groups=ml_collections.ConfigDict()))
   config.ema_decay = 0.0  # eval with the trained params themselves
   config.train.batch_size = 16
   config.train.steps = 600

@@ -41,6 +41,8 @@ def _paper_model() -> ml_collections.ConfigDict:
       double_channel_downsample=True,  # False = WeTok's downsample (Tables 23/24).
       generative_decoder=True,  # concat N(0, 1) noise to the decoder input.
       entropy_temperature=0.01,
+      # Entropy loss = token entropy - ratio * codebook entropy (weighted by loss.entropy).
+      codebook_entropy_ratio=1.0,
       dtype="float32",
       remat=False,
       attention_impl="xla",  # jax.nn.dot_product_attention's: 'xla', or 'cudnn' on GPUs
@@ -57,8 +59,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict(dict(
       l1=1.0,
       l2=0.0,
-      entropy=0.1,  # delta, on (token entropy - codebook_entropy_ratio * codebook entropy).
-      codebook_entropy_ratio=1.0,
+      entropy=0.1,  # delta, on the quantizer's entropy loss (model.codebook_entropy_ratio).
       commitment=0.0,
       perceptual=1.0,  # LPIPS (VGG); needs config.lpips.path
       gan=0.1,  # generator's adversarial term; 0 trains without a discriminator
@@ -96,7 +97,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   ))
   config.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0,
-      schedule="constant", warmup_steps=0, grad_clip=0.0))
+      schedule="constant", warmup_steps=0, grad_clip=0.0,
+      # Parameter groups (unimm_jax/train/optimizers.py): name -> dict(pattern=REGEX over
+      # paths such as 'encoder/conv_in/kernel', lr_mult, weight_decay, frozen).
+      groups=ml_collections.ConfigDict()))
   config.ema_decay = 0.999  # 0 disables the parameter EMA.
 
   return config_defaults.apply_variants(config, arg, _VARIANTS, "configs/uniwetok.py")

@@ -12,8 +12,10 @@ G, D = 3, 4  # groups, bits per group
 
 
 def _quantize(u, groups=G, bits=D, temperature=0.01):
+  """(quantized, codes, losses and stats in one dict)."""
   q = BinaryQuantizer(groups, bits, temperature)
-  return jax.jit(lambda x: q.apply({}, x, True))(jnp.asarray(u))
+  quantized, codes, losses, stats = jax.jit(lambda x: q.apply({}, x, True))(jnp.asarray(u))
+  return quantized, codes, {**losses, **stats}
 
 
 def _reference_entropies(u, groups, bits, temperature):
@@ -40,7 +42,7 @@ def test_entropies_match_enumeration(temperature, scale):
   token, codebook, commitment = _reference_entropies(u, G, D, temperature)
   np.testing.assert_allclose(aux['token_entropy'], token, rtol=2e-4, atol=1e-5)
   np.testing.assert_allclose(aux['codebook_entropy'], codebook, rtol=2e-4, atol=1e-5)
-  np.testing.assert_allclose(aux['entropy_loss'], token - codebook, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(aux['entropy'], token - codebook, rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(aux['commitment'], commitment, rtol=1e-5)
 
 
@@ -141,6 +143,14 @@ def test_entropy_gradients_finite_at_the_paper_width():
   """16 groups x 8 bits (2^128 codes) with the 256-code matrix per group."""
   q = BinaryQuantizer(16, 8, 0.01)
   u = jnp.tanh(jnp.asarray(np.random.default_rng(8).standard_normal((2, 8, 8, 128)), jnp.float32))
-  loss = lambda x: q.apply({}, x, True)[2]['entropy_loss']
+  loss = lambda x: q.apply({}, x, True)[2]['entropy']
   value, grad = jax.jit(jax.value_and_grad(loss))(u)
   assert np.isfinite(value) and np.all(np.isfinite(grad)) and np.any(grad != 0)
+
+
+def test_codebook_entropy_ratio_weights_the_codebook_term():
+  u = np.random.default_rng(5).normal(size=(3, G * D)).astype(np.float32)
+  q = BinaryQuantizer(G, D, 0.01, codebook_entropy_ratio=0.25)
+  _, _, losses, stats = q.apply({}, jnp.asarray(u), True)
+  np.testing.assert_allclose(losses['entropy'],
+                             stats['token_entropy'] - 0.25 * stats['codebook_entropy'], rtol=1e-6)

@@ -1,10 +1,14 @@
 """The text LM task end to end: `python -m unimm_jax.main --config=configs/lm.py:tiny`."""
+import json
 import os
+import re
+import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import assert_same_saved_state, read_metrics, run_main
+from conftest import (REPO, assert_same_saved_state, main_command, read_metrics, run_main,
+                      subprocess_env)
 
 LM_TINY = "configs/lm.py:tiny"
 
@@ -58,3 +62,28 @@ def test_generate_mode_continues_a_prompt(lm_run):
                   config=None, mode="generate")
   # Byte model: 6 new ids decode to at most 6 characters (fewer where ids are specials).
   assert len(proc.stdout.rstrip("\n").split("\n")[-1]) <= 6
+
+
+def test_eval_mode_reports_held_out_loss_and_perplexity(lm_run):
+  """`--mode=eval` restores the params alone and gives the training run's last eval."""
+  workdir, train_proc = lm_run
+  proc = run_main(workdir, config=None, mode="eval")
+  with open(os.path.join(workdir, "eval_4.json")) as f:
+    results = json.load(f)
+  assert results["step"] == 4 and results["num_tokens"] > 0
+  np.testing.assert_allclose(results["perplexity"], np.exp(results["loss"]), rtol=1e-6)
+  trained = re.search(r"held-out loss at step 4: ([0-9.]+)", train_proc.stdout)
+  assert abs(results["loss"] - float(trained.group(1))) < 1e-4
+  assert f"eval of step 4 on {results['num_tokens']} target tokens: loss" in proc.stdout
+
+
+def test_encode_mode_says_a_language_model_has_no_image_codes(lm_run):
+  workdir, _ = lm_run
+  proc = subprocess.run(main_command(workdir, "--input=photos", "--output=codes.npz",
+                                     config=None, mode="encode"),
+                        cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0
+  assert ("--mode=encode: a language model (config.task='lm') has no image codes; its modes "
+          "are train, eval, generate, plan") in proc.stderr
+  assert "Traceback" not in proc.stderr

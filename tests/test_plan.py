@@ -51,7 +51,7 @@ def test_tiny_lm_plan_on_eight_fake_devices():
   vocab, d, layers, kv_width, mlp, seq, batch = 261, 32, 2, 16, 64, 64, 8
   per_layer = d * d + 2 * d * kv_width + d * d + 3 * d * mlp  # q, k, v, o, gate/up/down
   params = vocab * d + layers * (per_layer + 2 * d) + d
-  assert result["param_counts"] == {"params": params, "aux_params": 0, "extra": 0,
+  assert result["param_counts"] == {"params": params, "module_params": 0, "discriminator": 0,
                                     "frozen": 0}
   # float32 params and Adam's two moments, no EMA (ema_decay 0), a few int32 counters;
   # every param has an embed axis, split 4 ways over fsdp.

@@ -86,7 +86,8 @@ def test_gan_step_with_adaptive_weight_and_perceptual_loss():
   expected = np.linalg.norm(g_nll) / (np.linalg.norm(g_gan) + 1e-4)
   np.testing.assert_allclose(float(metrics["gan_adaptive_weight"]), expected, rtol=1e-4)
   # The discriminator and its LeCAM EMAs moved.
-  disc_before, disc_after = jax.device_get(state.extra), jax.device_get(new_state.extra)
+  disc_before, disc_after = (jax.device_get(state.discriminator),
+                             jax.device_get(new_state.discriminator))
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), disc_before.params,
                        disc_after.params)
   assert all(jax.tree.leaves(moved))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec
 
-from unimm_jax.models.tokenizer_output import TokenizerOutput
+from unimm_jax.models.tokenizer_interface import TokenizerOutput
 from unimm_jax.models.uniwetok import UniWeTok, downsample_factor
 
 BATCH, SIZE = 2, 32
@@ -17,9 +17,14 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   fields = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_attn_blocks=1, num_heads=2,
                 num_registers=4, groups=4, group_bits=4, siglu=True, double_channel_downsample=True,
                 generative_decoder=True, entropy_temperature=0.01, dtype='float32', remat=False,
-                attention_impl='xla')
+                attention_impl='xla', codebook_entropy_ratio=1.0)
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
+
+
+def _aux(out: TokenizerOutput) -> dict:
+  """A forward pass's loss terms and statistics in one dict."""
+  return {**out.losses, **out.stats}
 
 
 def _images(size=SIZE, seed=0):
@@ -42,7 +47,8 @@ def tiny():
   def run(variables, images, key):
     """Every entry point in one compile."""
     out = model.apply(variables, images, train=True, rngs={'noise': key})
-    quantized, codes, aux = model.apply(variables, images, method=UniWeTok.encode)
+    encoded = model.apply(variables, images, method=UniWeTok.encode)
+    quantized, codes, aux = encoded.latents, encoded.codes, _aux(encoded)
     recon = model.apply(variables, quantized, method=UniWeTok.decode, rngs={'noise': key})
     from_codes = model.apply(variables, codes, method=UniWeTok.codes_to_quantized)
     u = model.apply(variables, images, method=lambda m, x: m.encoder(x))
@@ -60,9 +66,9 @@ def test_output_shapes_and_dtypes(tiny):
   assert out.latents.shape == (BATCH, 8, 8, 16)
   assert np.all((np.asarray(out.codes) >= 0) & (np.asarray(out.codes) < 16))
   np.testing.assert_array_equal(np.abs(out.latents), 1.0)
-  for key in ('token_entropy', 'codebook_entropy', 'entropy_loss', 'commitment'):
-    assert out.aux[key].shape == () and np.isfinite(out.aux[key])
-  assert out.aux['code_usage'].shape == (4,) and out.aux['bit_mean'].shape == (4, 4)
+  for key in ('token_entropy', 'codebook_entropy', 'entropy', 'commitment'):
+    assert _aux(out)[key].shape == () and np.isfinite(_aux(out)[key])
+  assert _aux(out)['code_usage'].shape == (4,) and _aux(out)['bit_mean'].shape == (4, 4)
   assert np.all(np.isfinite(out.recon))
 
 
@@ -72,7 +78,7 @@ def test_encode_decode_agree_with_call(tiny):
   np.testing.assert_array_equal(codes, out.codes)
   np.testing.assert_array_equal(from_codes, quantized)
   np.testing.assert_allclose(recon, out.recon, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(aux['token_entropy'], out.aux['token_entropy'], rtol=1e-6)
+  np.testing.assert_allclose(aux['token_entropy'], _aux(out)['token_entropy'], rtol=1e-6)
   # The generative decoder draws its noise from the 'noise' stream.
   assert not np.allclose(other_noise_recon, recon)
 
@@ -115,7 +121,7 @@ def test_gradients_are_finite_and_reach_the_encoder(tiny):
 
   def loss(params):
     out = model.apply({'params': params}, images, train=True, rngs={'noise': jax.random.key(4)})
-    return jnp.mean(jnp.abs(out.recon - images)) + 0.1 * out.aux['entropy_loss']
+    return jnp.mean(jnp.abs(out.recon - images)) + 0.1 * _aux(out)['entropy']
 
   grads = jax.jit(jax.grad(loss))(nn.unbox(variables['params']))
   flat = jax.tree.leaves(grads)
@@ -205,7 +211,8 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny):
   apply = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={'noise': jax.random.key(0)}))
   out = apply(variables, images)
   assert out.recon.dtype == jnp.float32 and out.latents.dtype == jnp.float32
-  assert out.aux['token_entropy'].dtype == jnp.float32 and np.isfinite(out.aux['token_entropy'])
+  aux = _aux(out)
+  assert aux["token_entropy"].dtype == jnp.float32 and np.isfinite(aux["token_entropy"])
   assert np.all(np.isfinite(out.recon))
 
 

@@ -65,7 +65,7 @@ def test_row_trains_two_steps(rows, tiny_teacher):
     assert (name in metrics) == bool(weight), (name, sorted(metrics))
   assert np.isfinite(metrics["loss"]) and int(state.step) == 2
   if config.loss.gap:
-    assert ("query" in state.aux_params["prior"]) == config.gap_prior.use_query_token
+    assert ("query" in state.module_params["gap_prior"]) == config.gap_prior.use_query_token
 
 
 def test_every_term_is_logged_under_its_name(tiny_teacher, tmp_path):

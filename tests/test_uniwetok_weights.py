@@ -18,6 +18,7 @@ from conftest import run_main
 from unimm_jax import config_defaults
 from unimm_jax.convert.uniwetok_weights import convert_state_dict, load_uniwetok_state_dict
 from unimm_jax.models.uniwetok import UniWeTok, UniWeTokDecoder
+from unimm_jax.inference import restore
 from unimm_jax.train import from_checkpoint
 from unimm_jax.train import trainer
 
@@ -85,7 +86,8 @@ def test_encoder_latents_codes_and_entropy_match(loaded):
     latents = model.apply({'params': params}, images, method=lambda m, x: m.encoder(x))
     return latents, model.apply({'params': params}, images, method=UniWeTok.encode)
 
-  latents, (quantized, codes, aux) = encode(params, jnp.asarray(ref['images']))
+  latents, encoded = encode(params, jnp.asarray(ref['images']))
+  quantized, codes, aux = encoded.latents, encoded.codes, encoded.stats
   np.testing.assert_allclose(latents, ref['latents'], atol=ATOL, rtol=0)
   np.testing.assert_array_equal(quantized, ref['quantized'])
   np.testing.assert_array_equal(codes, ref['codes'])
@@ -154,11 +156,12 @@ def test_import_mode_writes_step_0_of_a_workdir(tmp_path):
   assert f'imported {STATE_DICT} as step 0' in proc.stdout
   config = config_defaults.load_config('configs/uniwetok.py:tiny')
   config.model = cfg
-  _, params = from_checkpoint.restore_ema_params(config, str(workdir))
+  setup = trainer.Setup(config)
+  _, params = restore.restore_eval_params(
+      str(workdir), jax.eval_shape(setup.task.init_params, jax.random.key(0)), setup.context)
   expected = load_uniwetok_state_dict(STATE_DICT, cfg)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), expected)
   # The checkpoint has no iterator state: a restore for training leaves the iterator new.
-  setup = trainer.Setup(config)
   checkpointer = setup.checkpointer(str(workdir))
   data_iter = setup.task.train_iterator(config.seed)
   with setup.activate():
@@ -167,5 +170,5 @@ def test_import_mode_writes_step_0_of_a_workdir(tmp_path):
   np.testing.assert_array_equal(next(data_iter)['image'],
                                 next(setup.task.train_iterator(config.seed))['image'])
   with pytest.raises(FileExistsError, match='already holds step 0'):
-    from_checkpoint.import_uniwetok_weights(config, str(workdir), STATE_DICT)
+    from_checkpoint.import_weights(config, str(workdir), STATE_DICT)
   checkpointer.close()

@@ -251,7 +251,7 @@ def test_load_onto_a_mesh_places_slices(checkpoints):
 # ----------------------------------------------------------------------------- teacher
 def _teacher(path, **fields):
   from unimm_jax.config_defaults import teacher_config
-  from unimm_jax.models import teacher as teacher_lib
+  from unimm_jax.convert import teacher as teacher_lib
   config = teacher_config()
   config.path = path
   config.update(fields)

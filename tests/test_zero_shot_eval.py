@@ -13,7 +13,9 @@ from unimm_jax.data import builtin_images, pipeline, transforms
 from unimm_jax.data.data_config import default_data_config
 from unimm_jax.evals.reconstruction_eval import class_indices
 from unimm_jax.evals.zero_shot import ClassEmbeddings, save_class_embeddings
-from unimm_jax.train import from_checkpoint
+from unimm_jax.parallel import mesh as mesh_lib
+from unimm_jax.parallel.context import MeshContext
+from unimm_jax.train import tasks
 import test_uniwetok_tables
 
 # The tables' SigLIP teacher of hidden size 32, shared as a fixture of this module too.
@@ -112,7 +114,8 @@ def test_zero_shot_without_distillation_heads_is_refused(tmp_path):
   config = config_defaults.load_config("configs/uniwetok.py:tiny")
   config.eval.zero_shot_classes = str(tmp_path / "classes.npz")
   with pytest.raises(ValueError, match="config.loss.pre_distill or config.loss.post_distill"):
-    from_checkpoint.evaluate_checkpoint(config, str(tmp_path))
+    context = MeshContext(mesh_lib.make_mesh(config.mesh), config_defaults.sharding_rules(config))
+    tasks.build_task(config).evaluate_checkpoint(context, str(tmp_path))
 
 
 def test_eval_mode_reports_zero_shot_accuracy(tiny_teacher, tmp_path):

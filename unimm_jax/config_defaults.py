@@ -96,7 +96,7 @@ def teacher_config() -> ml_collections.ConfigDict:
 
 
 _ENUMS = {
-    "optim.name": ("adam", "adamw"),
+    "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
     "teacher.dtype": ("float32", "bfloat16"),
@@ -168,9 +168,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{key}={_get(config, key)!r} must be >= 0")
   if _has(config, "ema_decay") and not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay={config.ema_decay!r} must be in [0, 1)")
-  if _has(config, "optim") and config.optim.name == "adam" and config.optim.weight_decay:
+  if _has(config, "optim") and config.optim.name != "adamw" and config.optim.weight_decay:
     raise ValueError("config.optim.weight_decay needs config.optim.name='adamw' "
-                     "(plain Adam has no decoupled weight decay)")
+                     f"({config.optim.name} has no decoupled weight decay)")
   sizes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"config.mesh={dict(config.mesh)} needs positive sizes and at most one -1")

@@ -13,6 +13,9 @@ r"""Entry point: train a config, encode/decode images with a tokenizer, generate
 Override any config field with --config.a.b=value; unknown keys and wrongly typed values
 stop the run before anything is compiled.
 """
+import dataclasses
+from typing import Callable
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -20,12 +23,13 @@ import jax
 from ml_collections import config_flags
 
 from unimm_jax import config_defaults
-from unimm_jax.inference import image_codec
-from unimm_jax.inference import text_generation
-from unimm_jax.models import registry
+from unimm_jax.inference import restore
+from unimm_jax.parallel import mesh as mesh_lib
 from unimm_jax.parallel import multihost
+from unimm_jax.parallel.context import MeshContext
 from unimm_jax.train import from_checkpoint
 from unimm_jax.train import plan
+from unimm_jax.train import tasks
 from unimm_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,12 +39,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and l
                                "(not needed by --mode=plan).")
 _MODE = flags.DEFINE_enum("mode", "train",
                           ["train", "eval", "encode", "decode", "generate", "plan", "import"],
-                          "What to run. plan: compile the train step for config.mesh on fake "
-                          "CPU devices and print parameters, FLOPs and per-device memory. "
-                          "import: write step 0 of a new workdir from the authors' UniWeTok "
-                          "weights (--input, safetensors).")
+                          "What to run; each task supports some (README). plan: compile the "
+                          "train step for config.mesh on fake CPU devices and print "
+                          "parameters, FLOPs and per-device memory. import: write step 0 of a "
+                          "new workdir from the authors' released weights (--input).")
 _INPUT = flags.DEFINE_string("input", None, "encode: image folder; decode: .npz of codes; "
-                             "import: the authors' weights as safetensors.")
+                             "import: the authors' weights (a tokenizer: safetensors).")
 _OUTPUT = flags.DEFINE_string("output", None, "encode: .npz to write; decode: folder.")
 _PROMPT = flags.DEFINE_string("prompt", None, "generate: the text to continue.")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: wrap the prompt as a user turn of the "
@@ -69,76 +73,107 @@ def _quiet_checkpoint_logs(record) -> bool:
   return record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname
 
 
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """One `--mode`: its runner (config, workdir) -> None, what a task needs to support it (for
+  the error when it does not), the flags it requires, and whether it reads an existing run
+  (its config then defaults to the one saved with the workdir's checkpoint)."""
+  run: Callable
+  needs: str
+  required_flags: tuple[str, ...] = ()
+  reads_run: bool = True
+
+
+def _context(config) -> MeshContext:
+  return MeshContext(mesh_lib.make_mesh(config.mesh), config_defaults.sharding_rules(config))
+
+
+def _train(config, workdir: str) -> None:
+  trainer.train_and_evaluate(config, workdir)
+
+
+def _eval(config, workdir: str) -> None:
+  tasks.build_task(config).evaluate_checkpoint(_context(config), workdir)
+
+
+def _encode(config, workdir: str) -> None:
+  print(tasks.build_task(config).encode_folder(_context(config), workdir, _INPUT.value,
+                                               _OUTPUT.value))
+
+
+def _decode(config, workdir: str) -> None:
+  print(tasks.build_task(config).decode_file(_context(config), workdir, _INPUT.value,
+                                             _OUTPUT.value))
+
+
+def _generate(config, workdir: str) -> None:
+  print(tasks.build_task(config).generate(
+      _context(config), workdir, _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+      chat=_CHAT.value))
+
+
+def _import(config, workdir: str) -> None:
+  from_checkpoint.import_weights(config, workdir, _INPUT.value)
+  print(f"imported {_INPUT.value} as step 0 of {workdir}")
+
+
+def _plan(config, workdir: str) -> None:
+  """Prints the train step's compiled plan for config.mesh (see unimm_jax.train.plan)."""
+  del workdir
+  name = config_flags.get_config_filename(flags.FLAGS["config"])
+  print(plan.format_plan(plan.plan_train_step(config), name), flush=True)
+
+
+MODES = {
+    "train": Mode(_train, "training", reads_run=False),
+    "eval": Mode(_eval, "evaluation of a checkpoint"),
+    "encode": Mode(_encode, "image codes", ("input", "output")),
+    "decode": Mode(_decode, "image codes", ("input", "output")),
+    "generate": Mode(_generate, "text generation", ("prompt",)),
+    "import": Mode(_import, "importer of released weights", ("input",), reads_run=False),
+    "plan": Mode(_plan, "plan", reads_run=False),
+}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)  # progress with ETA (CLU ReportProgress) is INFO
   logging.get_absl_handler().addFilter(_quiet_checkpoint_logs)
-  config = _CONFIG.value
-  if _MODE.value == "plan":
-    _plan(config)
+  name, mode, workdir = _MODE.value, MODES[_MODE.value], _WORKDIR.value
+  missing = [f"--{flag}" for flag in mode.required_flags if getattr(flags.FLAGS, flag) is None]
+  if missing:
+    raise app.UsageError(f"--mode={name} needs {' and '.join(missing)}")
+  if name == "plan":
+    config = _checked_config(name, _CONFIG.value)
+    # Before anything touches the backend: the devices are fake CPU ones.
+    plan.use_fake_devices(plan.devices_needed(config.mesh, _PLAN_DEVICES.value))
+    mode.run(config, None)
     return
-  if not _WORKDIR.value:
-    raise app.UsageError(f"--mode={_MODE.value} needs --workdir")
+  if not workdir:
+    raise app.UsageError(f"--mode={name} needs --workdir")
   if _MULTIHOST.value or multihost.wanted(_COORDINATOR.value, _NUM_PROCESSES.value):
     multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  if _MODE.value == "train":
-    if config is None:
-      raise app.UsageError("--config is required for --mode=train")
-    config_defaults.validate(config)
-    trainer.train_and_evaluate(config, _WORKDIR.value)
-    return
-  if _MODE.value == "import":
-    if config is None or not _INPUT.value:
-      raise app.UsageError("--mode=import needs --config and --input")
-    config_defaults.validate(config)
-    from_checkpoint.import_uniwetok_weights(config, _WORKDIR.value, _INPUT.value)
-    print(f"imported {_INPUT.value} as step 0 of {_WORKDIR.value}")
-    return
-  if _MODE.value == "eval":
-    config = config if config is not None else from_checkpoint.saved_config(_WORKDIR.value)
-    from_checkpoint.evaluate_checkpoint(config, _WORKDIR.value)
-    return
-  if _MODE.value == "generate":
-    if _PROMPT.value is None:
-      raise app.UsageError("--mode=generate needs --prompt")
-    config = config if config is not None else from_checkpoint.saved_config(_WORKDIR.value)
-    if config.task != "lm":
-      raise app.UsageError(f"--mode=generate needs a language model run, not task "
-                           f"{config.task!r}")
-    task, params = from_checkpoint.restore_ema_params(config, _WORKDIR.value)
-    print(text_generation.generate_text(
-        task.model, params, task.tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-        chat=_CHAT.value, seed=config.seed))
-    return
-  if not (_INPUT.value and _OUTPUT.value):
-    raise app.UsageError(f"--mode={_MODE.value} needs --input and --output")
-  config = config if config is not None else from_checkpoint.saved_config(_WORKDIR.value)
-  task, params = from_checkpoint.restore_ema_params(config, _WORKDIR.value)
-  if _MODE.value == "encode":
-    encode = jax.jit(lambda images: task.encode(params, images))
-    n = image_codec.encode_folder(encode, _INPUT.value, _OUTPUT.value,
-                                  registry.downsample_factor(config.model),
-                                  config.model.group_bits)
-    print(f"encoded {n} images from {_INPUT.value} into {_OUTPUT.value}")
-  else:
-    decode = jax.jit(lambda codes: task.decode(params, codes))
-    n = image_codec.decode_file(decode, _INPUT.value, _OUTPUT.value)
-    print(f"decoded {n} images from {_INPUT.value} into {_OUTPUT.value}")
+  config = _CONFIG.value
+  if config is None and mode.reads_run:
+    config = restore.saved_config(workdir)
+  mode.run(_checked_config(name, config), workdir)
 
 
-def _plan(config):
-  """Prints the train step's compiled plan for config.mesh (see unimm_jax.train.plan)."""
+def _checked_config(name: str, config):
+  """The validated config, after checking that its task supports the mode."""
   if config is None:
-    raise app.UsageError("--mode=plan needs --config")
+    raise app.UsageError(f"--mode={name} needs --config")
   config_defaults.validate(config)
-  # Before anything touches the backend: the devices are fake CPU ones.
-  plan.use_fake_devices(plan.devices_needed(config.mesh, _PLAN_DEVICES.value))
-  name = config_flags.get_config_filename(flags.FLAGS["config"])
-  print(plan.format_plan(plan.plan_train_step(config), name), flush=True)
+  task = tasks.task_class(config)
+  if name not in task.modes:
+    raise app.UsageError(
+        f"--mode={name}: {task.kind} (config.task={config.task!r}) has no "
+        f"{MODES[name].needs}; its modes are {', '.join(task.modes)}")
+  return config
 
 
 if __name__ == "__main__":

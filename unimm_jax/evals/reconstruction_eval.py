@@ -48,7 +48,8 @@ def class_indices(labels, classes: zero_shot_lib.ClassEmbeddings) -> np.ndarray:
 
 
 def evaluate_reconstruction(batches: Iterable, batch_size: int, *,
-                            reconstruct: BatchFn, encode: BatchFn, codebook_size: int,
+                            reconstruct: BatchFn, encode: BatchFn | None,
+                            codebook_size: int | None,
                             lpips_distance: Callable[[np.ndarray, np.ndarray], np.ndarray]
                             | None = None,
                             inception_features: BatchFn | None = None,
@@ -58,15 +59,17 @@ def evaluate_reconstruction(batches: Iterable, batch_size: int, *,
 
   With `zero_shot` = (embed, classes), each batch is instead an (images, labels (b,)) pair
   (see `class_indices`), and embed maps images to (b, d) embeddings compared with classes.
+  A continuous tokenizer has no codes: `encode` and `codebook_size` None leave out the code
+  statistics.
 
-  Returns {'num_images', 'psnr', 'ssim', 'code_usage' (per group/level list),
-  'code_usage_mean', 'code_perplexity' (list), 'code_perplexity_mean'} plus 'lpips' and
+  Returns {'num_images', 'psnr', 'ssim'}, with codes {'code_usage' (per group/level list),
+  'code_usage_mean', 'code_perplexity' (list), 'code_perplexity_mean'}, plus 'lpips' and
   'rfid' when their functions are given, and with `zero_shot` the entries of
   `ZeroShotAccuracy.result` ('zero_shot_top1', ..., 'zero_shot_num_images'). PSNR and SSIM
   are computed on [0, 1] images (data_range 1), averaged over images.
   """
   psnrs, ssims, lpipses = [], [], []
-  usage = code_usage_lib.CodeUsage(codebook_size)
+  usage = None if encode is None else code_usage_lib.CodeUsage(codebook_size)
   real_stats, fake_stats = fid.FeatureStatistics(), fid.FeatureStatistics()
   accuracy = zero_shot_lib.ZeroShotAccuracy(zero_shot[1]) if zero_shot else None
   for batch in batches:
@@ -82,7 +85,8 @@ def evaluate_reconstruction(batches: Iterable, batch_size: int, *,
     real01, fake01 = (images + 1) / 2, (recons[:n] + 1) / 2
     psnrs.append(image_metrics.psnr(real01, fake01, data_range=1.0))
     ssims.append(image_metrics.ssim(real01, fake01, data_range=1.0))
-    usage.update(np.asarray(encode(padded))[:n])
+    if usage is not None:
+      usage.update(np.asarray(encode(padded))[:n])
     if lpips_distance is not None:
       lpipses.append(np.asarray(lpips_distance(padded, recons))[:n])
     if inception_features is not None:
@@ -92,16 +96,19 @@ def evaluate_reconstruction(batches: Iterable, batch_size: int, *,
       accuracy.update(np.asarray(zero_shot[0](padded))[:n], indices)
   if not psnrs:
     raise ValueError("evaluate_reconstruction: the eval set is empty")
-  usage_result = usage.result()
   results = {
       "num_images": int(sum(len(p) for p in psnrs)),
       "psnr": float(np.mean(np.concatenate(psnrs))),
       "ssim": float(np.mean(np.concatenate(ssims))),
-      "code_usage": usage_result["code_usage"].tolist(),
-      "code_usage_mean": float(usage_result["code_usage"].mean()),
-      "code_perplexity": usage_result["code_perplexity"].tolist(),
-      "code_perplexity_mean": float(usage_result["code_perplexity"].mean()),
   }
+  if usage is not None:
+    usage_result = usage.result()
+    results.update({
+        "code_usage": usage_result["code_usage"].tolist(),
+        "code_usage_mean": float(usage_result["code_usage"].mean()),
+        "code_perplexity": usage_result["code_perplexity"].tolist(),
+        "code_perplexity_mean": float(usage_result["code_perplexity"].mean()),
+    })
   if lpips_distance is not None:
     results["lpips"] = float(np.mean(np.concatenate(lpipses)))
   if inception_features is not None:

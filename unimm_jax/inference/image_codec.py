@@ -1,18 +1,61 @@
-"""Folder of images <-> .npz of integer codes, with a trained tokenizer's EMA params.
+"""A tokenizer's encode/decode as functions of its params, and folders of images <-> .npz codes.
+
+`reconstruct`, `encode` and `decode` take a tokenizer module (see
+`unimm_jax.models.tokenizer_interface`) and return functions of (params, array); the
+decoder's noise (UniWeTok's generative decoder draws it on every call) comes from a fixed
+key, so reconstructions and decoded images are the same in every run and on every host.
 
 The .npz holds `names` (relative paths, str array) and `codes_00000`, `codes_00001`, ...
-(one (h', w', g) array per image, in `names` order), plus `group_bits`. Images keep their
-native resolution, centre-cropped to a multiple of the downsampling factor.
+(one (h', w', codes_per_token) array per image, in `names` order), plus `codebook_size` and
+`codes_per_token`. Images keep their native resolution, centre-cropped to a multiple of the
+downsampling factor.
 """
 import logging
 import os
+from typing import Callable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from unimm_jax.data import sources
 from unimm_jax.inference import image_io
+from unimm_jax.models.tokenizer_interface import CodeLayout
+
+# Fixed key for the decoder's noise at evaluation and inference.
+EVAL_NOISE_SEED = 1234
+
+
+def _noise() -> dict:
+  return {"noise": jax.random.key(EVAL_NOISE_SEED)}
+
+
+def reconstruct(model: nn.Module) -> Callable:
+  """(params, images (b, h, w, 3)) -> reconstructions (b, h, w, 3) clipped to [-1, 1]."""
+  def run(params, images):
+    out = model.apply({"params": params}, images, train=False, rngs=_noise())
+    return jnp.clip(out.recon, -1.0, 1.0)
+  return run
+
+
+def encode(model: nn.Module) -> Callable:
+  """(params, images (b, h, w, 3)) -> integer codes (b, h', w', codes_per_token)."""
+  def run(params, images):
+    return model.apply({"params": params}, images, train=False, method="encode").codes
+  return run
+
+
+def decode(model: nn.Module) -> Callable:
+  """(params, codes (b, h', w', codes_per_token)) -> images (b, h, w, 3) in [-1, 1]."""
+  def run(params, codes):
+    def from_codes(module, codes):
+      return module.decode(module.codes_to_quantized(codes), train=False)
+    return jnp.clip(model.apply({"params": params}, codes, method=from_codes, rngs=_noise()),
+                    -1.0, 1.0)
+  return run
+
 
 def load_centre_cropped(path: str, factor: int) -> np.ndarray:
   """(h, w, 3) float32 in [-1, 1], centre-cropped so h and w are multiples of `factor`."""
@@ -26,11 +69,11 @@ def load_centre_cropped(path: str, factor: int) -> np.ndarray:
 
 
 def encode_folder(encode_fn, input_dir: str, output_file: str, factor: int,
-                  group_bits: int) -> int:
+                  layout: CodeLayout) -> int:
   """Writes the codes of every image below `input_dir`; returns how many were encoded.
 
-  encode_fn: (1, h, w, 3) -> (1, h', w', g) codes; compiled once per distinct resolution.
-  Unreadable files are skipped with a warning and left out of the .npz.
+  encode_fn: (1, h, w, 3) -> (1, h', w', codes_per_token) codes; compiled once per distinct
+  resolution. Unreadable files are skipped with a warning and left out of the .npz.
   """
   names, arrays = [], {}
   try:
@@ -47,7 +90,8 @@ def encode_folder(encode_fn, input_dir: str, output_file: str, factor: int,
     arrays[f"codes_{len(names):05d}"] = codes
     names.append(name)
   os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-  np.savez_compressed(output_file, names=np.array(names), group_bits=group_bits, **arrays)
+  np.savez_compressed(output_file, names=np.array(names), codebook_size=layout.codebook_size,
+                      codes_per_token=layout.codes_per_token, **arrays)
   return len(names)
 
 

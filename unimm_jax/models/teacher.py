@@ -1,9 +1,11 @@
-"""A frozen pretrained ViT as a feature teacher for distillation.
+"""A frozen pretrained ViT as a feature teacher for distillation: the `Teacher` and its
+preprocessing.
 
 A config block (`config_defaults.teacher_config()`, e.g. `config.teacher`) points at a
-downloaded transformers checkpoint directory; `load_teacher` imports it and returns a
-`Teacher` (static: the model, the chosen feature, the preprocessing) and its variables,
-which a train step receives as a frozen (never differentiated) argument.
+downloaded transformers checkpoint directory; `unimm_jax.convert.teacher.load_teacher`
+imports it and returns a `Teacher` (static: the model, the chosen feature, the
+preprocessing) and its variables, which a train step receives as a frozen (never
+differentiated) argument.
 
 Preprocessing maps our images, float32 in [-1, 1] NHWC, to what the family's image
 processor would give: resize (antialiased; bilinear for SigLIP/SigLIP2, bicubic for CLIP
@@ -15,28 +17,20 @@ resized to the largest patch grid of at most `max_num_patches` patches (transfor
 with PIL; resizing the float image here differs from that by about one grey level.
 """
 import dataclasses
-import json
 import math
-import os
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-from jax.sharding import Mesh
 
-from unimm_jax.convert import hf_vit
-from unimm_jax.convert import load_pretrained
 from unimm_jax.models.vit import VisionTransformer
-from unimm_jax.nn.dtypes import compute_dtype
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # family -> (mean, std), resize method: the transformers image processors' defaults.
-_FAMILY_DEFAULTS = {'siglip': (_HALF, 'linear'), 'siglip2': (_HALF, 'linear'),
-                    'clip': (_OPENAI_CLIP, 'cubic'), 'dinov2': (_IMAGENET, 'cubic')}
-_PIL_RESAMPLE = {2: 'linear', 3: 'cubic'}  # PIL.Image.BILINEAR, PIL.Image.BICUBIC
+FAMILY_DEFAULTS = {'siglip': (_HALF, 'linear'), 'siglip2': (_HALF, 'linear'),
+                   'clip': (_OPENAI_CLIP, 'cubic'), 'dinov2': (_IMAGENET, 'cubic')}
 
 
 def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int,
@@ -121,59 +115,3 @@ class Teacher:
       if self.drop_class_token and self.model.config.class_token:
         features = features[:, 1:]
     return jax.lax.stop_gradient(features)
-
-
-def _preprocessor_settings(path: str, family: str) -> dict:
-  (mean, std), method = _FAMILY_DEFAULTS[family]
-  settings = dict(mean=mean, std=std, method=method, max_num_patches=256)
-  file = os.path.join(path, 'preprocessor_config.json')
-  if os.path.isfile(file):
-    with open(file) as f:
-      pre = json.load(f)
-    settings['mean'] = tuple(pre.get('image_mean', mean))
-    settings['std'] = tuple(pre.get('image_std', std))
-    if 'resample' in pre:
-      if pre['resample'] not in _PIL_RESAMPLE:
-        raise ValueError(f'{file}: resample={pre["resample"]} is not bilinear (2) or '
-                         'bicubic (3)')
-      settings['method'] = _PIL_RESAMPLE[pre['resample']]
-    settings['max_num_patches'] = pre.get('max_num_patches', 256)
-  return settings
-
-
-def build_teacher(config: ml_collections.ConfigDict) -> Teacher:
-  """The static teacher of `config` (see config_defaults.teacher_config) from the checkpoint's
-  config.json and preprocessor_config.json alone; its weights come from `load_teacher`."""
-  if not config.path:
-    raise ValueError('config.teacher.path is empty: set it to a downloaded checkpoint '
-                     'directory (README: teachers)')
-  dtype = compute_dtype(config.dtype, 'config.teacher.dtype')
-  with open(os.path.join(config.path, 'config.json')) as f:
-    hf_config = json.load(f)
-  if hf_config.get('model_type') not in hf_vit.MODEL_TYPES:
-    raise ValueError(f'config.teacher.path={config.path!r} holds a '
-                     f'{hf_config.get("model_type")!r} model, not one of {hf_vit.MODEL_TYPES}')
-  c = hf_vit.vit_config(hf_config, dtype=dtype)
-  settings = _preprocessor_settings(config.path, c.family)
-  image_size = config.image_size or c.image_size
-  if c.family != 'siglip2' and image_size % c.patch_size:
-    raise ValueError(f'config.teacher.image_size={image_size} is not a multiple of the '
-                     f'patch size {c.patch_size}')
-  return Teacher(model=VisionTransformer(c), feature=parse_feature(config.feature, c.num_layers),
-                 mean=settings['mean'], std=settings['std'], method=settings['method'],
-                 image_size=image_size,
-                 max_num_patches=config.max_num_patches or settings['max_num_patches'],
-                 drop_class_token=config.drop_class_token)
-
-
-def load_teacher(config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
-                 rules: Sequence | None = None) -> tuple[Teacher, dict]:
-  """`build_teacher(config)` and its weights -> (teacher, variables).
-
-  With a mesh, the variables are placed sharded by `rules` (a host reads only its slices).
-  """
-  teacher = build_teacher(config)
-  dtype = teacher.model.config.dtype
-  _, variables = load_pretrained(config.path, param_dtype=dtype, mesh=mesh, rules=rules,
-                                 dtype=dtype)
-  return teacher, variables

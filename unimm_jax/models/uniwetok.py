@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from unimm_jax.models.tokenizer_output import TokenizerOutput
+from unimm_jax.models.tokenizer_interface import TokenizerOutput
 from unimm_jax.nn.conv_blocks import (Downsample, ResBlock, Upsampler, constrain_feature_map, conv,
                                       swish)
 from unimm_jax.nn.dtypes import compute_dtype
@@ -144,8 +144,9 @@ class UniWeTok(nn.Module):
   Reads from `config`: ch, ch_mult, num_res_blocks, num_attn_blocks (0 = CNN-only ablation),
   num_heads, num_registers, groups (g), group_bits (d'), siglu (False = identity head),
   double_channel_downsample (False = WeTok's downsampling), generative_decoder,
-  entropy_temperature, dtype ('float32' | 'bfloat16': compute dtype; params stay float32),
-  remat (recompute each transformer block and ResBlock in the backward pass), attention_impl
+  entropy_temperature and codebook_entropy_ratio (the quantizer's entropy loss), dtype
+  ('float32' | 'bfloat16': compute dtype; params stay float32), remat (recompute each
+  transformer block and ResBlock in the backward pass), attention_impl
   (`jax.nn.dot_product_attention`'s implementation: 'xla', or 'cudnn' on NVIDIA GPUs).
 
   With `generative_decoder`, every decode draws noise from the 'noise' rng stream, so
@@ -168,17 +169,18 @@ class UniWeTok(nn.Module):
         z_channels=cfg.groups * cfg.group_bits, siglu=cfg.siglu,
         double_channel_downsample=cfg.double_channel_downsample, **shared)
     self.decoder = UniWeTokDecoder(generative=cfg.generative_decoder, **shared)
-    self.quantizer = BinaryQuantizer(cfg.groups, cfg.group_bits, cfg.entropy_temperature)
+    self.quantizer = BinaryQuantizer(cfg.groups, cfg.group_bits, cfg.entropy_temperature,
+                                     cfg.codebook_entropy_ratio)
 
   @property
   def _z_channels(self) -> int:
     return self.config.groups * self.config.group_bits
 
-  def encode(self, images: jax.Array, *, train: bool = False
-             ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-    """Images (b, h, w, 3) -> (quantized (b, h/f, w/f, g*d') float32 +-1 with straight-through
-    gradient, codes (b, h/f, w/f, g) int32, aux: the quantizer's, plus `pre_quant`, the
-    encoder output U_G (b, h/f, w/f, g*d') before quantization)."""
+  def encode(self, images: jax.Array, *, train: bool = False) -> TokenizerOutput:
+    """Images (b, h, w, 3) -> TokenizerOutput without recon: latents = quantized (b, h/f,
+    w/f, g*d') float32 +-1 with straight-through gradient, codes (b, h/f, w/f, g) int32, the
+    quantizer's losses and stats, and features['pre_quant'] = the encoder output U_G
+    (b, h/f, w/f, g*d') before quantization."""
     chex.assert_rank(images, 4)
     chex.assert_axis_dimension(images, -1, 3)
     factor = downsample_factor(self.config)
@@ -188,8 +190,9 @@ class UniWeTok(nn.Module):
     images = nn.with_logical_constraint(images, ('batch', None, None, None))
     u = self.encoder(images)
     chex.assert_shape(u, (b, h // factor, w // factor, self._z_channels))
-    quantized, codes, aux = self.quantizer(u, train)
-    return constrain_feature_map(quantized), codes, {**aux, 'pre_quant': u}
+    quantized, codes, losses, stats = self.quantizer(u, train)
+    return TokenizerOutput(recon=None, codes=codes, latents=constrain_feature_map(quantized),
+                           losses=losses, stats=stats, features={'pre_quant': u})
 
   def decode(self, quantized: jax.Array, *, train: bool = False) -> jax.Array:
     """Quantized latents (b, h', w', g*d') -> reconstruction (b, h'*f, w'*f, 3) float32."""
@@ -207,10 +210,7 @@ class UniWeTok(nn.Module):
     return self.quantizer.codes_to_quantized(codes)
 
   def __call__(self, images: jax.Array, *, train: bool) -> TokenizerOutput:
-    """Encode, quantize and decode: images (b, h, w, 3) -> TokenizerOutput with recon
-    (b, h, w, 3), codes (b, h/f, w/f, g), latents = quantized (b, h/f, w/f, g*d'), aux."""
-    quantized, codes, aux = self.encode(images, train=train)
-    recon = self.decode(quantized, train=train)
-    pre_quant = aux.pop('pre_quant')
-    return TokenizerOutput(recon=recon, codes=codes, latents=quantized, aux=aux,
-                           pre_quant=pre_quant)
+    """Encode, quantize and decode: images (b, h, w, 3) -> `encode`'s TokenizerOutput with
+    recon (b, h, w, 3)."""
+    out = self.encode(images, train=train)
+    return out.replace(recon=self.decode(out.latents, train=train))

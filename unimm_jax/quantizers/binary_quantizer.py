@@ -11,7 +11,8 @@ BitDance imagenet_gen/src/gfq.py, `GFQ` and `entropy_loss`):
 - logits = 2 * <u, code> over the 2^d' codes of a group, p = softmax(logits / 0.01);
 - token entropy = mean over (batch, positions, groups) of -sum_k p log p;
 - codebook entropy: p averaged over batch, positions and groups into one 2^d' vector pbar,
-  then -sum pbar log(pbar + 1e-5), not normalised; entropy loss = token - codebook entropy;
+  then -sum pbar log(pbar + 1e-5), not normalised; entropy loss = token entropy -
+  codebook_entropy_ratio * codebook entropy (ratio 1 in their code);
 - commitment = mean((u - sg(q))^2).
 The 2^(g*d') joint codebook is never built: a token's index is its g group codes.
 """
@@ -70,10 +71,12 @@ class BinaryQuantizer(nn.Module):
     groups: g, the number of groups per token.
     group_bits: d', bits per group; each group has 2^d' codes.
     entropy_temperature: softmax temperature of the entropy terms (0.01 in the authors' code).
+    codebook_entropy_ratio: weight of the codebook entropy inside the entropy loss.
   """
   groups: int
   group_bits: int
   entropy_temperature: float = 0.01
+  codebook_entropy_ratio: float = 1.0
 
   @property
   def codebook_size(self) -> int:
@@ -81,12 +84,12 @@ class BinaryQuantizer(nn.Module):
     return 2 ** self.group_bits
 
   def __call__(self, u: jax.Array, train: bool = False
-               ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+               ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
     """Quantizes u with a straight-through gradient.
 
     The quantizer behaves identically in training and evaluation (its output is deterministic
-    and its loss terms are computed in both, so eval logs the same aux keys); `train` is part
-    of the shared quantizer interface. Under jit, terms the caller ignores are never computed.
+    and its loss terms are computed in both, so eval logs the same keys); `train` is part of
+    the shared quantizer interface. Under jit, terms the caller ignores are never computed.
     The entropy logits are a (n, g, 2^d') array, so d' should stay small (8 in UniWeTok).
 
     Args:
@@ -95,10 +98,11 @@ class BinaryQuantizer(nn.Module):
     Returns:
       quantized: (b, ..., g * d') float32 +-1 values whose gradient w.r.t. u is the identity.
       codes: (b, ..., g) int32 group codes in [0, 2^d').
-      aux: scalars `token_entropy`, `codebook_entropy`, `entropy_loss` (their difference),
-        `commitment`; statistics `code_usage` (g,) fraction of codes used in the batch,
-        `code_perplexity` (g,) exp entropy of the batch's code histogram, `bit_mean` (g, d')
-        mean sign of each bit.
+      losses: float32 scalars `entropy` (token entropy - codebook_entropy_ratio * codebook
+        entropy) and `commitment`.
+      stats: scalars `token_entropy`, `codebook_entropy`; `code_usage` (g,) fraction of codes
+        used in the batch, `code_perplexity` (g,) exp entropy of the batch's code histogram,
+        `bit_mean` (g, d') mean sign of each bit.
     """
     del train
     chex.assert_axis_dimension(u, -1, self.groups * self.group_bits)
@@ -110,14 +114,14 @@ class BinaryQuantizer(nn.Module):
     codes = self._signs_to_codes(signs)
 
     token_entropy, codebook_entropy = _entropy_terms(grouped, self.entropy_temperature)
-    aux = {
-        'token_entropy': token_entropy,
-        'codebook_entropy': codebook_entropy,
-        'entropy_loss': token_entropy - codebook_entropy,
+    losses = {
+        'entropy': token_entropy - self.codebook_entropy_ratio * codebook_entropy,
         'commitment': jnp.mean(jnp.square(grouped - jax.lax.stop_gradient(signs))),
-        **jax.lax.stop_gradient(_code_statistics(codes, signs, self.group_bits)),
     }
-    return quantized.reshape(u.shape), codes.reshape(*lead, self.groups), aux
+    stats = jax.lax.stop_gradient({'token_entropy': token_entropy,
+                                   'codebook_entropy': codebook_entropy,
+                                   **_code_statistics(codes, signs, self.group_bits)})
+    return quantized.reshape(u.shape), codes.reshape(*lead, self.groups), losses, stats
 
   def _signs_to_codes(self, signs: jax.Array) -> jax.Array:
     """(..., d') +-1 -> (...,) int32, bit i of the code = [sign_i > 0]."""

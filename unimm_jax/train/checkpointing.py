@@ -4,11 +4,11 @@ Items: `state` (TrainState arrays, sharded as in training), `data_iter` (Grain i
 state, one file per process), `config` (JSON, for `--mode=encode/decode` and notebooks) and
 `progress` (JSON host counters such as skipped records). Saves are asynchronous; Orbax
 writes to a temporary directory and renames it when complete, so a checkpoint interrupted
-mid-write is never listed and never restored.
+mid-write is never listed and never restored. Inference reads them without a trainer
+(`unimm_jax.inference.restore`, which also owns the layout's names).
 """
 import json
 import logging
-import os
 from typing import Any
 
 import grain
@@ -16,16 +16,16 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from unimm_jax.inference import restore as layout
+
 
 class Checkpointer:
   """Wraps an Orbax CheckpointManager rooted at WORKDIR/checkpoints."""
 
   def __init__(self, workdir: str, keep: int, save_every: int):
     self.save_every = save_every
-    # Orbax needs absolute paths; URLs (gs://...) are left as they are.
-    root = workdir if "://" in str(workdir) else os.path.abspath(workdir)
     self.manager = ocp.CheckpointManager(
-        f"{root}/checkpoints",
+        layout.checkpoints_dir(workdir),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True,
             enable_async_checkpointing=True))
@@ -42,9 +42,9 @@ class Checkpointer:
     """
     if not (force or step % self.save_every == 0):
       return False
-    items = dict(state=ocp.args.StandardSave(state),
-                 config=ocp.args.JsonSave(json.loads(config.to_json())),
-                 progress=ocp.args.JsonSave(progress))
+    items = {layout.STATE: ocp.args.StandardSave(state),
+             layout.CONFIG: ocp.args.JsonSave(json.loads(config.to_json())),
+             "progress": ocp.args.JsonSave(progress)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -55,8 +55,8 @@ class Checkpointer:
     `abstract_state` holds jax.ShapeDtypeStruct leaves with shardings, so each process
     reads only its shards, straight into the training layout.
     """
-    items = dict(state=ocp.args.StandardRestore(abstract_state),
-                 progress=ocp.args.JsonRestore())
+    items = {layout.STATE: ocp.args.StandardRestore(abstract_state),
+             "progress": ocp.args.JsonRestore()}
     if data_iter is not None:
       if (self.manager.directory / str(step) / "data_iter").exists():
         items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -65,12 +65,7 @@ class Checkpointer:
                         "the beginning", step)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("restored checkpoint at step %d", step)
-    return restored["state"], restored["progress"]
-
-  def restore_config(self, step: int) -> ml_collections.ConfigDict:
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))
-    return ml_collections.ConfigDict(restored["config"])
+    return restored[layout.STATE], restored["progress"]
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -122,7 +122,7 @@ class BucketPlan:
 class Plan:
   num_devices: int
   mesh: dict[str, int]
-  param_counts: dict[str, int]  # params, aux_params, extra (discriminator), frozen
+  param_counts: dict[str, int]  # params, module_params, discriminator, frozen
   state_bytes_global: int
   state_bytes_per_device: int
   buckets: list[BucketPlan]
@@ -147,7 +147,7 @@ def plan_train_step(config: ml_collections.ConfigDict) -> Plan:
   frozen = checkpointing.abstract_with_shardings(sharding.unbox(setup.task.frozen_shapes()),
                                                  setup.frozen_shardings)
   rng = jax.ShapeDtypeStruct(setup.train_rng.shape, setup.train_rng.dtype,
-                             sharding=setup.replicated)
+                             sharding=setup.context.replicated)
   step = setup.compile_train_step()
   buckets = []
   for batch in setup.task.batch_shapes():
@@ -168,8 +168,8 @@ def plan_train_step(config: ml_collections.ConfigDict) -> Plan:
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
         compile_seconds=seconds))
-  counts = {"params": _count(state.params), "aux_params": _count(state.aux_params),
-            "extra": _count(state.extra), "frozen": _count(frozen)}
+  counts = {"params": _count(state.params), "module_params": _count(state.module_params),
+            "discriminator": _count(state.discriminator), "frozen": _count(frozen)}
   state_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
                     for x in jax.tree.leaves(state))
   return Plan(num_devices=setup.mesh.size, mesh=dict(setup.mesh.shape), param_counts=counts,
@@ -194,8 +194,8 @@ def format_plan(plan: Plan, name: str) -> str:
   c = plan.param_counts
   lines = [
       f"plan for {name}: {plan.num_devices} devices, mesh {mesh}",
-      f"parameters: {c['params']:,} model, {c['aux_params']:,} training-only modules, "
-      f"{c['extra']:,} discriminator; {c['frozen']:,} frozen",
+      f"parameters: {c['params']:,} model, {c['module_params']:,} training-only modules, "
+      f"{c['discriminator']:,} discriminator; {c['frozen']:,} frozen",
       f"train state (params, optimiser state, EMA if kept, counters): "
       f"{_gib(plan.state_bytes_global)} in all, {_gib(plan.state_bytes_per_device)} per device",
   ]

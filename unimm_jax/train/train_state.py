@@ -9,48 +9,47 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
+  """What a checkpoint holds of a run besides the data position.
+
+  The optimiser updates (params, module_params) as one tree (see `unimm_jax.train.
+  optimizers`); `opt_state` is its state.
+  """
   step: jax.Array
-  params: Any
+  params: Any  # the model that eval, inference and exports use
   ema_params: Any  # None when config.ema_decay == 0: no copy is kept or updated
   opt_state: Any
   nonfinite_steps: jax.Array  # updates skipped because loss or gradients were NaN/Inf
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-  # Task-specific trained state beside the main model, e.g. a GAN discriminator with its own
-  # optimiser; None when the task has none. Checkpointed and sharded with the rest.
-  extra: Any = None
-  # Training-only modules trained by the main loss with the same optimiser, but not part of
-  # the model that is exported or run at inference (UniWeTok's distillation heads and
-  # generative prior); no EMA. None when the task has none.
-  aux_params: Any = None
-  aux_opt_state: Any = None
+  # Params of the training-only modules by name (a tokenizer's distillation heads and
+  # generative prior), trained by the main loss with the same optimiser but not part of the
+  # model that is exported or run at inference; no EMA. None when the task has none.
+  module_params: Any = None
+  # A GAN discriminator with its own optimiser (`train.tasks.adversarial.DiscriminatorState`);
+  # None without one. Checkpointed and sharded with the rest.
+  discriminator: Any = None
 
   @classmethod
-  def create(cls, params, tx: optax.GradientTransformation, extra: Any = None,
-             aux_params: Any = None, ema: bool = True) -> "TrainState":
+  def create(cls, params, tx: optax.GradientTransformation, module_params: Any = None,
+             discriminator: Any = None, ema: bool = True) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-               opt_state=tx.init(params),
-               nonfinite_steps=jnp.zeros((), jnp.int32), tx=tx, extra=extra,
-               aux_params=aux_params,
-               aux_opt_state=None if aux_params is None else tx.init(aux_params))
+               opt_state=tx.init((params, module_params)),
+               nonfinite_steps=jnp.zeros((), jnp.int32), tx=tx, module_params=module_params,
+               discriminator=discriminator)
 
   @property
   def eval_params(self):
     """The params that eval, samples, encode/decode and exports use: the EMA if kept."""
     return self.params if self.ema_params is None else self.ema_params
 
-  def apply_gradients(self, grads, ema_decay: float, aux_grads: Any = None) -> "TrainState":
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    params = optax.apply_updates(self.params, updates)
+  def apply_gradients(self, grads, ema_decay: float, module_grads: Any = None) -> "TrainState":
+    trainable = (self.params, self.module_params)
+    updates, opt_state = self.tx.update((grads, module_grads), self.opt_state, trainable)
+    params, module_params = optax.apply_updates(trainable, updates)
     ema_params = (None if self.ema_params is None
                   else update_ema(self.ema_params, params, ema_decay, self.step))
-    new = self.replace(step=self.step + 1, params=params, ema_params=ema_params,
-                       opt_state=opt_state)
-    if self.aux_params is None:
-      return new
-    aux_updates, aux_opt_state = self.tx.update(aux_grads, self.aux_opt_state, self.aux_params)
-    return new.replace(aux_params=optax.apply_updates(self.aux_params, aux_updates),
-                       aux_opt_state=aux_opt_state)
+    return self.replace(step=self.step + 1, params=params, ema_params=ema_params,
+                        opt_state=opt_state, module_params=module_params)
 
 
 def update_ema(ema, params, decay: float, step: jax.Array):

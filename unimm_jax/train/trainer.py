@@ -1,14 +1,16 @@
 """The one training loop: sharded state, Grain batches, CLU logs, Orbax checkpoints.
 
-The trainer knows nothing about a particular model; a task (config.task) supplies
-`init(rng)`, `load_frozen()`, `train_step(state, frozen, batch, rng)`, `batch_ndims()`
-(batch arrays by name and rank, all batch-leading), `global_batch_sizes()` (every global
-batch size its data yields), `train_iterator(seed)` (a checkpointable Grain iterator of
-host-local batches with a `skipped` count), `throughput_unit` and `count_items(host_batch)`
-(images or tokens in a host batch), and `evaluator(setup, writer, workdir)`
-(see `unimm_jax.train.evaluators`). For `--mode=plan` (`unimm_jax.train.plan`) it also
-gives `frozen_shapes()` and `batch_shapes()`: the frozen networks and the global batches
-as ShapeDtypeStructs, without reading weights or data.
+The trainer knows nothing about a particular model; a task (config.task, see
+`unimm_jax.train.tasks`) supplies `init(rng)`, `check(abstract_state)` (start-up checks
+from shapes: param groups, loss weights), `load_frozen()`, `train_step(state, frozen, batch,
+rng)`, `batch_ndims()` (batch arrays by name and rank, all batch-leading),
+`global_batch_sizes()` (every global batch size its data yields), `train_iterator(seed)` (a
+checkpointable Grain iterator of host-local batches with a `skipped` count),
+`throughput_unit` and `count_items(host_batch)` (images or tokens in a host batch), and
+`evaluator(context, writer, workdir)` (see `unimm_jax.train.evaluators`), which receives a
+`MeshContext`, not the trainer. For `--mode=plan` (`unimm_jax.train.plan`) it also gives
+`frozen_shapes()` and `batch_shapes()`: the frozen networks and the global batches as
+ShapeDtypeStructs, without reading weights or data.
 """
 import functools
 import logging
@@ -19,13 +21,12 @@ from clu import periodic_actions
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
 from unimm_jax import config_defaults
 from unimm_jax.parallel import mesh as mesh_lib
-from unimm_jax.parallel import sharding
+from unimm_jax.parallel.context import MeshContext
 from unimm_jax.train import checkpointing
 from unimm_jax.train import metric_logging
 from unimm_jax.train import tasks
@@ -71,24 +72,24 @@ class Setup:
   def __init__(self, config: ml_collections.ConfigDict):
     config_defaults.validate(config)
     self.config = config
-    self.mesh = mesh_lib.make_mesh(config.mesh)
-    self.rules = config_defaults.sharding_rules(config)
+    self.context = MeshContext(mesh_lib.make_mesh(config.mesh),
+                               config_defaults.sharding_rules(config))
+    self.mesh, self.rules = self.context.mesh, self.context.rules
     self.task = tasks.build_task(config)
-    batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     for size in self.task.global_batch_sizes():
-      if size % batch_shards:
+      if size % self.context.batch_shards:
         raise ValueError(f"global batch size {size} (config.train.batch_size, or a "
                          "config.data.resolution_buckets entry) is not divisible by the "
-                         f"mesh's data x fsdp = {batch_shards}")
+                         f"mesh's data x fsdp = {self.context.batch_shards}")
     self.init_rng, self.train_rng = jax.random.split(jax.random.key(config.seed))
     # Outside `activate()`: under logical rules Flax would constrain each freshly boxed
     # param inside init; the jitted init's out_shardings already place them.
     boxed = jax.eval_shape(self.task.init, self.init_rng)
-    self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
+    self.task.check(boxed)
+    self.state_shardings = self.context.shardings(boxed)
     self.abstract_state = checkpointing.abstract_with_shardings(
         nn.unbox(boxed), self.state_shardings)
-    self.image_sharding = sharding.batch_sharding(self.mesh, self.rules, ndim=4)
-    self.batch_shardings = {name: sharding.batch_sharding(self.mesh, self.rules, ndim)
+    self.batch_shardings = {name: self.context.batch_sharding(ndim)
                             for name, ndim in self.task.batch_ndims().items()}
 
   def checkpointer(self, workdir: str) -> checkpointing.Checkpointer:
@@ -97,7 +98,7 @@ class Setup:
 
   def activate(self):
     """Mesh and logical rules in force while tracing, so activation constraints apply."""
-    return _Contexts(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
+    return self.context.activate()
 
   def init_state(self, compiler_options: dict | None = None):
     """The initial train state, laid out by the rules. `compiler_options` go to XLA for
@@ -107,8 +108,8 @@ class Setup:
     return init.lower(self.init_rng).compile(compiler_options)(self.init_rng)
 
   def start_from_run(self, state, workdir: str):
-    """`state` with the params, EMA params and task state (e.g. the discriminator) of the
-    latest checkpoint in `workdir`; step, optimiser state and counters start anew. This is
+    """`state` with the params, EMA params and discriminator of the latest checkpoint in
+    `workdir`; step, optimiser state, training-only modules and counters start anew. This is
     how a curriculum stage starts from the previous stage (`config.train.init_from`)."""
     checkpointer = checkpointing.Checkpointer(workdir, keep=1, save_every=1)
     step = checkpointer.latest_step()
@@ -120,29 +121,18 @@ class Setup:
     checkpointer.close()
     logging.info("initialised from step %d of %s", step, workdir)
     return state.replace(params=previous.params, ema_params=previous.ema_params,
-                         extra=previous.extra)
+                         discriminator=previous.discriminator)
 
   @functools.cached_property
   def frozen_shardings(self):
     """Where the frozen networks live: by the logical rules, so a large teacher ViT is
     split like a trained one; unnamed arrays (LPIPS) are replicated."""
-    return sharding.tree_shardings(self.task.frozen_shapes(), self.mesh, self.rules)
+    return self.context.shardings(self.task.frozen_shapes())
 
   @functools.cached_property
   def frozen(self):
     """The task's frozen networks (LPIPS, a teacher), on the mesh; loaded once."""
     return jax.device_put(self.task.load_frozen(), self.frozen_shardings)
-
-  @property
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
-
-  @functools.cached_property
-  def gather(self):
-    """gather(tree): `tree` replicated on every device, so each process can read it whole
-    (device_get cannot read shards held by another process). One jit, compiled per tree
-    structure and shapes."""
-    return jax.jit(lambda tree: tree, out_shardings=self.replicated)
 
   def compile_train_step(self):
     """jit of task.train_step(state, frozen, batch, rng) with the state donated."""
@@ -152,35 +142,12 @@ class Setup:
 
   def global_batch(self, host_batch: dict, host_local: bool = True) -> dict:
     """The task's batch arrays (see `batch_ndims`) as global arrays, batch axis sharded."""
-    return {name: _global_array(host_batch[name], s, host_local)
+    return {name: self.context.place(host_batch[name], host_local, s)
             for name, s in self.batch_shardings.items()}
 
   def global_images(self, images: np.ndarray, host_local: bool) -> jax.Array:
-    """Host data -> one global array sharded over the batch axes.
-
-    host_local: each process holds its own slice (training batches); otherwise every
-    process holds the same full array (eval images).
-    """
-    return _global_array(images, self.image_sharding, host_local)
-
-
-def _global_array(x: np.ndarray, array_sharding, host_local: bool) -> jax.Array:
-  if host_local:
-    return jax.make_array_from_process_local_data(array_sharding, x)
-  return jax.make_array_from_callback(x.shape, array_sharding, lambda index: x[index])
-
-
-class _Contexts:
-  def __init__(self, *contexts):
-    self.contexts = contexts
-
-  def __enter__(self):
-    for c in self.contexts:
-      c.__enter__()
-
-  def __exit__(self, *exc):
-    for c in reversed(self.contexts):
-      c.__exit__(*exc)
+    """Host images (b, h, w, 3) -> one global array sharded over the batch axes."""
+    return self.context.place(images, host_local)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -216,7 +183,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
   train_step = setup.compile_train_step()
 
   writer = metric_logging.create_writer(workdir)
-  evaluator = setup.task.evaluator(setup, writer, workdir)
+  evaluator = setup.task.evaluator(setup.context, writer, workdir)
   if latest is None:
     writer.write_hparams(metric_logging.flatten_hparams(config))
   step = int(jax.device_get(state.step))
@@ -225,7 +192,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
                                            every_steps=tc.log_every)
 
   unit = setup.task.throughput_unit
-  scalars_start = evaluator.evaluate(state, step)
+  scalars_start = evaluator.evaluate(state.eval_params, step)
   print(f"held-out {evaluator.metric_name} at step {step}: "
         f"{evaluator.headline(scalars_start)} ({evaluator.description})", flush=True)
 
@@ -267,9 +234,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
         print(f"step {step}/{tc.steps} loss {flat['loss']:.4f}{speed}", flush=True)
 
       if step % tc.image_every == 0 or step == tc.steps:
-        evaluator.write_samples(state, step)
+        evaluator.write_samples(state.eval_params, step)
       elif step % tc.eval_every == 0:
-        evaluator.evaluate(state, step)
+        evaluator.evaluate(state.eval_params, step)
 
       if checkpointer.save(step, state, data_iter, config, progress, force=step == tc.steps):
         saved_step = step
@@ -277,7 +244,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
       if saved_step != step:
         checkpointer.save(step, state, data_iter, config, progress, force=True)
     else:
-      scalars_end = evaluator.evaluate(state, step)
+      scalars_end = evaluator.evaluate(state.eval_params, step)
   finally:
     checkpointer.wait()
     checkpointer.close()

@@ -4,7 +4,13 @@ A batch holds packed rows (`unimm_jax.data.text_packing`): tokens, targets (the 
 of the same segment), positions (restarting per document), segment_ids (attention stays
 inside a document) and loss_mask (0 on each segment's last token and on padding). The loss
 is sum(mask * CE(logits, targets)) / sum(mask) over the global batch.
+
+Modes besides training: `--mode=eval` (held-out loss, perplexity and accuracy of the latest
+checkpoint) and `--mode=generate` (continue a prompt), both restoring only the params.
 """
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,9 +18,12 @@ import optax
 
 from unimm_jax.data import text_corpus
 from unimm_jax.data import text_tokenizer
+from unimm_jax.inference import restore
+from unimm_jax.inference import text_generation
 from unimm_jax.models import llm
 from unimm_jax.nn.dtypes import compute_dtype
 from unimm_jax.train import evaluators
+from unimm_jax.train import metric_logging
 from unimm_jax.train import optimizers
 from unimm_jax.train.train_state import TrainState, keep_if_finite
 
@@ -39,6 +48,7 @@ def llm_config(model: ml_collections.ConfigDict, vocab_size: int) -> llm.LLMConf
       dtype=compute_dtype(model.dtype, "config.model.dtype"),
       scan_layers=model.scan_layers,
       remat=model.remat,
+      attention_impl=model.attention_impl,
   )
 
 
@@ -57,6 +67,8 @@ def token_statistics(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
 class LMTask:
   """Trains `unimm_jax.models.llm.LLM` on packed text from `config.data` (text fields)."""
   throughput_unit = "tokens"
+  kind = "a language model"
+  modes = ("train", "eval", "generate", "plan")
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -65,7 +77,7 @@ class LMTask:
     if self.model.config.vocab_size < self.tokenizer.vocab_size:
       raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than "
                        f"the tokenizer's {self.tokenizer.vocab_size} ids")
-    self.tx, self.lr_schedule = optimizers.make_optimizer(config.optim, config.train.steps)
+    self.optimizer = optimizers.Optimizer(config.optim, config.train.steps)
 
   def batch_ndims(self) -> dict[str, int]:
     return {name: 2 for name in BATCH_FIELDS}
@@ -82,13 +94,22 @@ class LMTask:
     return text_corpus.build_text_train_iterator(
         self.config.data, self.tokenizer, global_batch_size=self.config.train.batch_size)
 
-  def evaluator(self, setup, writer, workdir: str) -> evaluators.LanguageModelEvaluator:
-    return evaluators.LanguageModelEvaluator(setup, writer, workdir)
+  def evaluator(self, context, writer, workdir: str) -> evaluators.LanguageModelEvaluator:
+    return evaluators.LanguageModelEvaluator(context, self.config, self.statistics,
+                                             BATCH_FIELDS, self.model, self.tokenizer, writer,
+                                             workdir)
+
+  def init_params(self, rng: jax.Array):
+    """The LLM's params (boxed), as inference restores them."""
+    return self.model.init(rng, jnp.zeros((1, self.config.data.seq_len), jnp.int32))["params"]
 
   def init(self, rng: jax.Array) -> TrainState:
-    ids = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
-    variables = self.model.init(rng, ids)
-    return TrainState.create(variables["params"], self.tx, ema=self.config.ema_decay > 0)
+    return TrainState.create(self.init_params(rng), self.optimizer.tx,
+                             ema=self.config.ema_decay > 0)
+
+  def check(self, abstract_state: TrainState) -> None:
+    """Start-up checks from shapes only: the param groups match parameters."""
+    self.optimizer.check((abstract_state.params, None))
 
   def load_frozen(self) -> dict:
     return {}
@@ -112,6 +133,7 @@ class LMTask:
     del frozen, rng  # no frozen networks; no dropout
 
     def loss_fn(params):
+      params, _ = self.optimizer.stop_frozen((params, None))
       stats = self.statistics(params, batch)
       return stats["ce_sum"] / jnp.maximum(stats["tokens"], 1.0), stats
 
@@ -122,9 +144,36 @@ class LMTask:
     metrics = {"loss": loss, "perplexity": jnp.exp(loss),
                "accuracy": stats["correct_sum"] / jnp.maximum(stats["tokens"], 1.0),
                "target_tokens": stats["tokens"], "grad_norm": grad_norm,
-               "lr": self.lr_schedule(state.step), "nonfinite": (~ok).astype(jnp.int32)}
+               "lr": self.optimizer.schedule(state.step),
+               "nonfinite": (~ok).astype(jnp.int32)}
     return new_state, metrics
 
-  def eval_step(self, state: TrainState, batch: dict) -> dict[str, jax.Array]:
-    """Masked sums of one eval batch with the EMA params (see token_statistics)."""
-    return self.statistics(state.eval_params, batch)
+  def _restore_eval_params(self, context, workdir: str):
+    return restore.restore_eval_params(workdir, jax.eval_shape(self.init_params,
+                                                               jax.random.key(0)), context)
+
+  def evaluate_checkpoint(self, context, workdir: str) -> dict:
+    """`--mode=eval`: held-out loss, perplexity and next-token accuracy of the latest
+    checkpoint's params over config.eval's batches of the eval split; written to
+    WORKDIR/eval_STEP.json and TensorBoard (process 0)."""
+    step, params = self._restore_eval_params(context, workdir)
+    writer = metric_logging.create_writer(workdir)
+    evaluator = self.evaluator(context, writer, workdir)
+    scalars = evaluator.evaluate(params, step)
+    writer.close()
+    results = {"step": step, "num_tokens": evaluator.num_tokens,
+               **{k.removeprefix("eval/"): v for k, v in scalars.items()}}
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"eval of step {step} on {evaluator.num_tokens} target tokens: loss "
+          f"{results['loss']:.4f}, perplexity {results['perplexity']:.2f}, accuracy "
+          f"{results['accuracy']:.4f}")
+    return results
+
+  def generate(self, context, workdir: str, prompt: str, **sampling_args) -> str:
+    """`--mode=generate`: the continuation of `prompt` by the latest checkpoint's params
+    (see `text_generation.generate_text` for the sampling arguments)."""
+    _, params = self._restore_eval_params(context, workdir)
+    return text_generation.generate_text(self.model, params, self.tokenizer, prompt,
+                                         seed=self.config.seed, **sampling_args)

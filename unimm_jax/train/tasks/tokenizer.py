@@ -1,17 +1,20 @@
-"""One task for every image tokenizer: pixel, perceptual and GAN losses plus the model's aux.
+"""One task for every image tokenizer: its loss terms weighted by name, plus pixel,
+perceptual and GAN losses.
 
-A tokenizer returns `TokenizerOutput(recon, codes, latents, aux, pre_quant)`. The loss is
-sum_k config.loss.<k> * term_k over `_WEIGHTED_TERMS` (reconstruction, the quantizer's
-entropy and commitment from aux, LPIPS, UniWeTok's Pre-Post Distillation and Generative-Aware
-Prior) plus config.loss.gan times the generator's GAN term; the remaining aux entries (code
-usage, perplexity) and the prior's statistics are logged, not optimised.
+The tokenizer comes from its spec (`unimm_jax.systems.tokenizers`, by config.model.name).
+A forward pass returns `TokenizerOutput` with its own loss terms (UniWeTok's quantizer:
+`entropy`, `commitment`); the task adds `l1`, `l2` and, with LPIPS weights, `perceptual`,
+and the training-only modules of the spec (`TrainingModule`) add theirs (UniWeTok:
+`pre_distill`, `post_distill`, `gap`). The loss is
 
-UniWeTok's eq 8, L = L_WeTok + theta * (L_pre + eta * L_post) + mu * L_GAP, maps onto
-config.loss.pre_distill = theta, config.loss.post_distill = theta * eta and
-config.loss.gap = mu. The distillation heads (config.distill) and the prior
-(config.gap_prior) train with the tokenizer's optimiser as `TrainState.aux_params`; they are
-not part of the model that encode/decode and exports use. The frozen teacher
-(config.teacher) is passed to the step with the other frozen networks.
+  sum over terms t of config.loss[t] * t   +   config.loss.gan * (the generator's GAN term)
+
+Every produced term needs a weight in config.loss and every non-zero weight a term: either
+mismatch is refused at start-up, naming it, from the shapes alone (`check`). A weight of 0
+switches its term off where a module produces it (the spec builds no module for it). The
+training-only modules train with the tokenizer's optimiser as `TrainState.module_params`;
+they are not part of the model that encode/decode and exports use. Statistics (code usage,
+entropies, the prior's accuracy) are logged, never weighted.
 """
 import jax
 import jax.numpy as jnp
@@ -19,60 +22,49 @@ import ml_collections
 import numpy as np
 import optax
 
-from unimm_jax.convert import load_pretrained
 from unimm_jax.data import pipeline
 from unimm_jax.evals import lpips as lpips_weights
-from unimm_jax.losses import distillation
+from unimm_jax.inference import image_codec
+from unimm_jax.inference import restore
 from unimm_jax.losses import gan
 from unimm_jax.losses import reconstruction
-from unimm_jax.models import distillation_heads
-from unimm_jax.models import gap_prior
 from unimm_jax.models import lpips
-from unimm_jax.models import registry
-from unimm_jax.models import teacher as teacher_lib
+from unimm_jax.models.tokenizer_interface import TokenizerOutput
+from unimm_jax.systems import tokenizers
 from unimm_jax.train import evaluators
+from unimm_jax.train import metric_logging
 from unimm_jax.train import optimizers
 from unimm_jax.train.tasks import adversarial
+from unimm_jax.train.tasks import tokenizer_eval
 from unimm_jax.train.train_state import TrainState, keep_if_finite
-
-# Weighted into the reconstruction-side loss by `config.loss.<name>`; the GAN term
-# (`config.loss.gan`) is added separately, optionally with the adaptive weight.
-_WEIGHTED_TERMS = ("l1", "l2", "entropy", "commitment", "perceptual", "pre_distill",
-                   "post_distill", "gap")
 
 # Cotangents for the two-output VJP (numpy, so importing this module touches no device
 # before jax.distributed.initialize()).
 _ONE, _ZERO = np.float32(1.0), np.float32(0.0)
-
-# Fixed key for the decoder's noise at evaluation, so eval numbers and encode/decode
-# outputs are reproducible across runs and hosts.
-EVAL_NOISE_SEED = 1234
+# config.loss entries that are not weights of named terms.
+_NOT_TERMS = ("gan",)
 
 
 class TokenizerTask:
-  """Trains a tokenizer model (UniWeTok, ...) with reconstruction and aux losses."""
+  """Trains a tokenizer (any spec of `unimm_jax.systems.tokenizers`)."""
   throughput_unit = "images"
+  kind = "an image tokenizer"
+  modes = ("train", "eval", "encode", "decode", "import", "plan")
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.model = registry.build_tokenizer(config.model)
-    self.tx, self.lr_schedule = optimizers.make_optimizer(config.optim, config.train.steps)
+    self.spec = tokenizers.spec(config.model)
+    self.model = self.spec.build(config.model)
+    self.layout = self.spec.code_layout(config.model)
+    self.modules = self.spec.training_modules(config)
+    names = [m.name for m in self.modules]
+    if len(set(names)) != len(names):
+      raise ValueError(f"training-only modules share a name: {names}")
+    self.optimizer = optimizers.Optimizer(config.optim, config.train.steps)
     self.adversary = adversarial.Adversary(config.disc) if config.loss.gan else None
     self.lpips = lpips.LPIPS()
-    loss = config.loss
-    self.teacher = self.heads = self.prior = None
-    if loss.pre_distill or loss.post_distill:
-      self.teacher = teacher_lib.build_teacher(config.teacher)
-      if self.teacher.feature != "pooled":
-        raise ValueError("Pre-Post Distillation compares pooled embeddings: set "
-                         "config.teacher.feature='pooled'")
-      dc = config.distill
-      self.heads = distillation_heads.PrePostHeads(
-          kind=dc.head, out_dim=self.teacher.model.config.hidden_size, num_heads=dc.num_heads,
-          width=dc.width or None, pre=bool(loss.pre_distill), post=bool(loss.post_distill))
-    if loss.gap:
-      self.prior = gap_prior.GAPPrior(gap_prior.GAPPriorConfig(
-          latent_dim=config.model.groups * config.model.group_bits, **config.gap_prior))
+
+  # ------------------------------------------------------------------------ data and state
 
   def batch_ndims(self) -> dict[str, int]:
     return {"image": 4}
@@ -89,120 +81,126 @@ class TokenizerTask:
                                          global_batch_size=self.config.train.batch_size,
                                          seed=seed)
 
-  def evaluator(self, setup, writer, workdir: str) -> evaluators.ReconstructionEvaluator:
-    return evaluators.ReconstructionEvaluator(setup, writer, workdir)
-
-  def init(self, rng: jax.Array) -> TrainState:
-    """A fresh state; params stay boxed (`nn.Partitioned`) so shardings can be derived."""
-    size = self.config.data.image_size
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-    params_rng, noise_rng, disc_rng, aux_rng = jax.random.split(rng, 4)
-    variables = self.model.init({"params": params_rng, "noise": noise_rng}, images,
-                                train=False)
-    extra = self.adversary.init(disc_rng, images.shape) if self.adversary else None
-    return TrainState.create(variables["params"], self.tx, extra=extra,
-                             aux_params=self._init_aux(aux_rng, images),
-                             ema=self.config.ema_decay > 0)
-
-  def _init_aux(self, rng: jax.Array, images: jax.Array) -> dict | None:
-    """Params of the training-only modules (distillation heads, prior), or None."""
-    if not (self.heads or self.prior):
-      return None
-    side = images.shape[1] // registry.downsample_factor(self.config.model)
-    m = self.config.model
-    latents = jnp.zeros((1, side, side, m.groups * m.group_bits), jnp.float32)
-    heads_rng, prior_rng, noise_rng = jax.random.split(rng, 3)
-    aux = {}
-    if self.heads:
-      aux["heads"] = self.heads.init(heads_rng, latents, latents)["params"]
-    if self.prior:
-      aux["prior"] = self.prior.init({"params": prior_rng, "noise": noise_rng},
-                                     latents)["params"]
-    return aux
-
-  def load_frozen(self) -> dict:
-    """Frozen networks the loss needs (LPIPS, the teacher); passed to every step."""
-    frozen = {}
-    if self.config.loss.perceptual:
-      lp = self.config.lpips
-      frozen["lpips"] = lpips_weights.resolve_params(lp.path, allow_random=lp.allow_random)
-    if self.teacher:
-      dtype = self.teacher.model.config.dtype
-      _, frozen["teacher"] = load_pretrained(self.config.teacher.path, param_dtype=dtype,
-                                             dtype=dtype)
-    return frozen
-
-  def frozen_shapes(self) -> dict:
-    """`load_frozen()` as ShapeDtypeStructs, boxed with their logical axis names (which
-    place them on the mesh), reading no weights."""
-    size = self.config.data.image_size
-    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    frozen = {}
-    if self.config.loss.perceptual:
-      frozen["lpips"] = jax.eval_shape(
-          lambda r, x: self.lpips.init(r, x, x)["params"], rng, images)
-    if self.teacher:
-      dtype = self.teacher.model.config.dtype
-      variables = jax.eval_shape(
-          lambda r, x: self.teacher.model.init(r, *self.teacher.model_inputs(x)), rng, images)
-      frozen["teacher"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),
-                                       variables)
-    return frozen
-
   def batch_shapes(self) -> list[dict]:
     """The global train batches as ShapeDtypeStructs, one per resolution bucket."""
     return [{"image": jax.ShapeDtypeStruct((b, side, side, 3), jnp.float32)}
             for side, b in pipeline.train_buckets(self.config.data,
                                                   self.config.train.batch_size)]
 
-  def loss_terms(self, out, images: jax.Array, frozen: dict) -> dict[str, jax.Array]:
-    """Unweighted loss terms of one forward pass, each a float32 scalar."""
-    aux = out.aux
-    terms = {
-        "l1": reconstruction.l1_loss(out.recon, images),
-        "l2": reconstruction.l2_loss(out.recon, images),
-        "commitment": aux["commitment"],
-        "token_entropy": aux["token_entropy"],
-        "codebook_entropy": aux["codebook_entropy"],
-    }
-    terms["entropy"] = (aux["token_entropy"]
-                        - self.config.loss.codebook_entropy_ratio * aux["codebook_entropy"])
+  def _example_images(self) -> jax.Array:
+    size = self.config.data.image_size
+    return jnp.zeros((1, size, size, 3), jnp.float32)
+
+  def init_params(self, rng: jax.Array):
+    """The tokenizer's params alone (boxed), as inference restores them."""
+    return tokenizers.init_params(self.model, self.config, rng)
+
+  def init(self, rng: jax.Array) -> TrainState:
+    """A fresh state; params stay boxed (`nn.Partitioned`) so shardings can be derived."""
+    params_rng, disc_rng, modules_rng = jax.random.split(rng, 3)
+    params = self.init_params(params_rng)
+    discriminator = (self.adversary.init(disc_rng, self._example_images().shape)
+                     if self.adversary else None)
+    return TrainState.create(params, self.optimizer.tx,
+                             module_params=self.init_module_params(modules_rng),
+                             discriminator=discriminator, ema=self.config.ema_decay > 0)
+
+  def init_module_params(self, rng: jax.Array) -> dict | None:
+    """Params of the training-only modules by name (boxed), or None without modules."""
+    if not self.modules:
+      return None
+    images = self._example_images()
+    # Shapes of a forward pass only: the modules size their params from its features.
+    out = jax.eval_shape(lambda: self.model.apply(
+        {"params": self.init_params(rng)}, images, train=False, rngs={"noise": rng}))
+    rngs = jax.random.split(rng, len(self.modules))
+    return {m.name: m.init(r, out, images) for m, r in zip(self.modules, rngs)}
+
+  def load_frozen(self) -> dict:
+    """Frozen networks the loss needs (LPIPS, the modules' teachers); passed to every step."""
+    frozen = {}
+    if self.config.loss.perceptual:
+      lp = self.config.lpips
+      frozen["lpips"] = lpips_weights.resolve_params(lp.path, allow_random=lp.allow_random)
+    for module in self.modules:
+      frozen.update(module.load_frozen())
+    return frozen
+
+  def frozen_shapes(self) -> dict:
+    """`load_frozen()` as ShapeDtypeStructs, boxed with their logical axis names (which
+    place them on the mesh), reading no weights."""
+    images = jax.ShapeDtypeStruct(self._example_images().shape, jnp.float32)
+    frozen = {}
+    if self.config.loss.perceptual:
+      rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+      frozen["lpips"] = jax.eval_shape(
+          lambda r, x: self.lpips.init(r, x, x)["params"], rng, images)
+    for module in self.modules:
+      shapes = module.frozen_shapes(images)
+      clash = sorted(set(shapes) & set(frozen))
+      if clash:
+        raise ValueError(f"training-only module {module.name!r} asks for frozen networks "
+                         f"{clash}, which another part of the loss already uses")
+      frozen.update(shapes)
+    return frozen
+
+  # ------------------------------------------------------------------------------ loss
+
+  def _terms(self, params, module_params, frozen: dict, images: jax.Array, rng: jax.Array
+             ) -> tuple[TokenizerOutput, dict[str, jax.Array], dict[str, jax.Array]]:
+    """(forward pass, unweighted loss terms, statistics): the model's, the pixel terms and
+    the training-only modules'."""
+    model_rng, modules_rng = jax.random.split(rng)
+    out = self.model.apply({"params": params}, images, train=True, rngs={"noise": model_rng})
+    terms = {"l1": reconstruction.l1_loss(out.recon, images),
+             "l2": reconstruction.l2_loss(out.recon, images)}
     if "lpips" in frozen:
       terms["perceptual"] = jnp.mean(
           self.lpips.apply({"params": frozen["lpips"]}, out.recon, images))
-    return terms
+    stats = dict(out.stats)
+    produced = {"the tokenizer": out.losses, "the pixel losses": terms}
+    for module, rng_m in zip(self.modules, jax.random.split(modules_rng, len(self.modules))):
+      losses, module_stats = module(module_params[module.name], out, images, frozen, rng_m)
+      produced[f"module {module.name}"] = losses
+      stats.update(module_stats)
+    all_terms = {}
+    for source, losses in produced.items():
+      for name, value in losses.items():
+        if name in all_terms:
+          raise ValueError(f"loss term {name!r} of {source} is produced twice")
+        all_terms[name] = value
+    return out, all_terms, stats
 
-  def aux_terms(self, aux_params, out, images: jax.Array, frozen: dict, rng: jax.Array
-                ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """(loss terms, statistics) of the training-only modules: Pre-Post Distillation against
-    the teacher's pooled embedding, and the Generative-Aware Prior on the quantized latents."""
-    terms, stats = {}, {}
-    if self.heads:
-      u_g, u_q = self.heads.apply({"params": aux_params["heads"]}, out.pre_quant, out.latents)
-      target = self.teacher(frozen["teacher"], images)
-      ppd = distillation.pre_post_distillation(target, u_g, u_q)
-      terms.update({k: v for k, v in ppd.items() if k in ("pre_distill", "post_distill")})
-    if self.prior:
-      terms["gap"], prior_stats = self.prior.apply({"params": aux_params["prior"]}, out.latents,
-                                                   rngs={"noise": rng})
-      stats.update({f"gap_{k}": v for k, v in prior_stats.items()})
-    return terms, stats
+  def check(self, abstract_state: TrainState) -> None:
+    """Start-up checks from shapes only: the param groups, and that every loss term has a
+    weight and every non-zero weight a term (naming the first mismatch)."""
+    self.optimizer.check((abstract_state.params, abstract_state.module_params))
+    frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                          self.frozen_shapes(), is_leaf=lambda x: hasattr(x, "shape"))
+    images = self.batch_shapes()[0]["image"]
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    _, terms, _ = jax.eval_shape(self._terms, abstract_state.params,
+                                 abstract_state.module_params, frozen, images, rng)
+    weights = {k: v for k, v in self.config.loss.items() if k not in _NOT_TERMS}
+    for name in sorted(terms):
+      if name not in weights:
+        raise ValueError(f"loss term {name!r} has no weight: add config.loss.{name} "
+                         f"(weighted terms: {sorted(weights)})")
+    for name, weight in sorted(weights.items()):
+      if weight and name not in terms:
+        raise ValueError(f"config.loss.{name}={weight} weights a term nothing produces "
+                         f"(produced: {sorted(terms)})")
 
-  def _losses(self, params, aux_params, state: TrainState, frozen: dict, images, rng):
-    """(reconstruction-side loss, GAN generator term), (terms, statistics, recon)."""
-    model_rng, aux_rng = jax.random.split(rng)
-    out = self.model.apply({"params": params}, images, train=True, rngs={"noise": model_rng})
-    terms = self.loss_terms(out, images, frozen)
-    aux_terms, aux_stats = self.aux_terms(aux_params, out, images, frozen, aux_rng)
-    terms.update(aux_terms)
+  def _losses(self, params, module_params, state: TrainState, frozen: dict, images, rng):
+    """(weighted loss without GAN, GAN generator term), (terms, statistics, recon, the
+    discriminator's BatchNorm statistics)."""
+    params, module_params = self.optimizer.stop_frozen((params, module_params))
+    out, terms, stats = self._terms(params, module_params, frozen, images, rng)
     weights = self.config.loss
-    nll = sum(weights[name] * terms[name] for name in _WEIGHTED_TERMS
-              if weights[name] and name in terms)
-    g_loss, disc_stats = (self.adversary.generator_loss(state.extra, out.recon)
+    nll = sum(weights[name] * value for name, value in terms.items() if weights[name])
+    nll = jnp.asarray(nll, jnp.float32)
+    g_loss, disc_stats = (self.adversary.generator_loss(state.discriminator, out.recon)
                           if self.adversary else (jnp.zeros(()), None))
-    stats = {k: v for k, v in out.aux.items() if k in ("code_usage", "code_perplexity")}
-    stats.update(aux_stats)
     return (nll, g_loss), (terms, stats, out.recon, disc_stats)
 
   def train_step(self, state: TrainState, frozen: dict, batch: dict, rng: jax.Array):
@@ -214,12 +212,12 @@ class TokenizerTask:
     """
     rng = jax.random.fold_in(rng, state.step)
     images = batch["image"]
-    # Gradients reach the tokenizer and the training-only modules (aux_params) alike.
+    # Gradients reach the tokenizer and the training-only modules alike.
     (nll, g_loss), vjp, (terms, metrics, recon, disc_stats) = jax.vjp(
-        lambda p, a: self._losses(p, a, state, frozen, images, rng), state.params,
-        state.aux_params, has_aux=True)
+        lambda p, m: self._losses(p, m, state, frozen, images, rng), state.params,
+        state.module_params, has_aux=True)
     metrics.update(terms)
-    extra = state.extra
+    discriminator = state.discriminator
     if self.adversary:
       dc = self.config.disc
       factor = gan.disc_factor_at(state.step, dc.start)
@@ -233,47 +231,70 @@ class TokenizerTask:
         metrics["gan_adaptive_weight"] = adaptive
       else:
         grads = vjp((_ONE, weight))
-      extra, disc_metrics = self.adversary.update(
-          state.extra.replace(batch_stats=disc_stats), images, recon, factor)
+      discriminator, disc_metrics = self.adversary.update(
+          state.discriminator.replace(batch_stats=disc_stats), images, recon, factor)
       metrics.update(disc_metrics, gan=g_loss)
       loss = nll + weight * g_loss
     else:
       grads = vjp((_ONE, _ZERO))
       loss = nll
-    grads, aux_grads = grads
+    grads, module_grads = grads
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(aux_grads))
+    ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+          & jnp.isfinite(optax.tree.norm(module_grads)))
     new_state = state.apply_gradients(grads, self.config.ema_decay,
-                                      aux_grads).replace(extra=extra)
+                                      module_grads).replace(discriminator=discriminator)
     new_state = keep_if_finite(new_state, state, ok)
-    metrics.update(loss=loss, grad_norm=grad_norm, lr=self.lr_schedule(state.step),
+    metrics.update(loss=loss, grad_norm=grad_norm, lr=self.optimizer.schedule(state.step),
                    nonfinite=(~ok).astype(jnp.int32))
     return new_state, metrics
 
-  def reconstruct(self, params, images: jax.Array) -> jax.Array:
-    """(b, h, w, 3) -> (b, h, w, 3) reconstructions clipped to [-1, 1]."""
-    out = self.model.apply({"params": params}, images, train=False,
-                           rngs={"noise": jax.random.key(EVAL_NOISE_SEED)})
-    return jnp.clip(out.recon, -1.0, 1.0)
+  # ----------------------------------------------------------------- evaluation and modes
 
-  def eval_step(self, state: TrainState, batch: dict) -> jax.Array:
-    """Reconstructions of `batch['image']` with the EMA parameters."""
-    return self.reconstruct(state.eval_params, batch["image"])
+  def evaluator(self, context, writer, workdir: str) -> evaluators.ReconstructionEvaluator:
+    return evaluators.ReconstructionEvaluator(
+        context, self.config, image_codec.reconstruct(self.model), writer, workdir)
 
-  def encode(self, params, images: jax.Array) -> jax.Array:
-    """(b, h, w, 3) -> integer codes."""
-    _, codes, _ = self.model.apply({"params": params}, images, train=False,
-                                   method=self.model.encode)
-    return codes
+  def _restore_eval_params(self, context, workdir: str):
+    rng = jax.random.key(0)
+    return restore.restore_eval_params(workdir, jax.eval_shape(self.init_params, rng), context)
 
-  def decode(self, params, codes: jax.Array) -> jax.Array:
-    """Integer codes -> (b, h, w, 3) images in [-1, 1]."""
-    def run(module, codes):
-      return module.decode(module.codes_to_quantized(codes), train=False)
-    recon = self.model.apply({"params": params}, codes, method=run,
-                             rngs={"noise": jax.random.key(EVAL_NOISE_SEED)})
-    return jnp.clip(recon, -1.0, 1.0)
+  def evaluate_checkpoint(self, context, workdir: str) -> dict:
+    """`--mode=eval` (see `tokenizer_eval.evaluate`)."""
+    writer = metric_logging.create_writer(workdir) if jax.process_index() == 0 else None
+    results = tokenizer_eval.evaluate(self, context, workdir, writer)
+    if writer is not None:
+      writer.close()
+    return results
 
+  def _codes_params(self, context, workdir: str, mode: str):
+    """The eval params for a mode that reads or writes discrete codes."""
+    if self.layout is None:
+      raise ValueError(f"--mode={mode} works on discrete codes; config.model.name="
+                       f"{self.config.model.name!r} is a continuous tokenizer")
+    return self._restore_eval_params(context, workdir)[1]
+
+  def encode_folder(self, context, workdir: str, input_dir: str, output_file: str) -> str:
+    """`--mode=encode`: every image below input_dir to codes in output_file (.npz)."""
+    params = self._codes_params(context, workdir, "encode")
+    encode = jax.jit(lambda images: image_codec.encode(self.model)(params, images))
+    n = image_codec.encode_folder(encode, input_dir, output_file,
+                                  self.spec.downsample_factor(self.config.model), self.layout)
+    return f"encoded {n} images from {input_dir} into {output_file}"
+
+  def decode_file(self, context, workdir: str, input_file: str, output_dir: str) -> str:
+    """`--mode=decode`: a codes .npz of `encode_folder` back to PNGs in output_dir."""
+    params = self._codes_params(context, workdir, "decode")
+    decode = jax.jit(lambda codes: image_codec.decode(self.model)(params, codes))
+    n = image_codec.decode_file(decode, input_file, output_dir)
+    return f"decoded {n} images from {input_file} into {output_dir}"
+
+  def import_params(self, path: str):
+    """`--mode=import`: params from the authors' released weights at `path`."""
+    if self.spec.import_weights is None:
+      raise ValueError(f"--mode=import: no importer of the authors' weights for "
+                       f"config.model.name={self.config.model.name!r}")
+    return self.spec.import_weights(path, self.config.model)
 
 
 def _at_path(tree, path: str):
@@ -283,3 +304,4 @@ def _at_path(tree, path: str):
       raise ValueError(f"config.disc.adaptive_layer={path!r}: no {key!r} among {sorted(tree)}")
     tree = tree[key]
   return tree
+

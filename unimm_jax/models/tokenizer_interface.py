@@ -1,0 +1,83 @@
+"""What every image tokenizer gives the tokenizer task, and what plugs in beside it.
+
+A tokenizer module (built by its spec in `unimm_jax.systems.tokenizers`) offers:
+  `__call__(images, *, train) -> TokenizerOutput` with the reconstruction;
+  `encode(images, *, train=False) -> TokenizerOutput` without it (recon None);
+  `decode(latents, *, train=False) -> (b, h, w, 3)`;
+  `codes_to_quantized(codes) -> latents` (discrete tokenizers).
+Images are float32 in [-1, 1], NHWC.
+
+The task weights every entry of `losses` by `config.loss[name]`, logs `stats`, and hands
+`features` to the training-only modules (`TrainingModule`): networks trained by the
+tokenizer's loss beside it but not part of it, neither exported nor run at inference
+(UniWeTok's distillation heads and generative prior; EvoTok's semantic branch and MingTok's
+masked-prediction heads are the next).
+"""
+import abc
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class TokenizerOutput:
+  """Output of a tokenizer's forward pass.
+
+  Attributes:
+    recon: (b, h, w, 3) reconstruction in [-1, 1] (approximately; not clipped); None from
+      `encode`.
+    codes: integer codes (b, h', w', codes_per_token), or None for a continuous tokenizer.
+    latents: (b, h', w', d) what the decoder reads (the quantized latents).
+    losses: unweighted float32 scalar loss terms by name (e.g. `entropy`, `commitment`),
+      each weighted by config.loss[name].
+    stats: statistics by name, logged and never weighted (scalars, and (g,) vectors such as
+      `code_usage`, logged per entry and as a mean).
+    features: arrays the training-only modules read, by name (UniWeTok: `pre_quant`, the
+      encoder output U_G before quantization).
+  """
+  recon: Any
+  codes: Any
+  latents: jax.Array
+  losses: dict[str, jax.Array]
+  stats: dict[str, jax.Array]
+  features: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeLayout:
+  """How a discrete tokenizer's codes are laid out: `codes_per_token` integers per latent
+  cell (binary groups, residual levels; 1 for a plain VQ), each in [0, codebook_size)."""
+  codes_per_token: int
+  codebook_size: int
+
+
+class TrainingModule(abc.ABC):
+  """A network trained by the tokenizer's loss but not part of the tokenizer.
+
+  Its params live in `TrainState.module_params[name]`, updated by the tokenizer's optimiser
+  (param-group paths `modules/<name>/...`), without EMA, and are not exported. It reads a
+  forward pass's `TokenizerOutput` (for its `features`), the images and the frozen networks
+  it asked for, and returns loss terms (weighted by config.loss[term] like the tokenizer's
+  own) and statistics.
+  """
+  name: str
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array, out: TokenizerOutput, images: jax.Array) -> Any:
+    """Params for a forward pass like `out` on `images` (shapes only are read)."""
+
+  @abc.abstractmethod
+  def __call__(self, params: Any, out: TokenizerOutput, images: jax.Array, frozen: dict,
+               rng: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """(loss terms, statistics) of one training step."""
+
+  def frozen_shapes(self, images: jax.ShapeDtypeStruct) -> dict:
+    """The frozen networks it reads (e.g. a teacher), by name, as boxed ShapeDtypeStructs."""
+    del images
+    return {}
+
+  def load_frozen(self) -> dict:
+    """Those networks' weights, by the same names (read once per run)."""
+    return {}

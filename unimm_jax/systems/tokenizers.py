@@ -1,0 +1,61 @@
+"""The table of image tokenizers: `config.model.name` -> a `TokenizerSpec`.
+
+The tokenizer task, `main` and inference reach a tokenizer only through its spec, so adding
+one is a model file, a spec (in its system file) and a config file, with no branch on its
+name anywhere else.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from unimm_jax.models.tokenizer_interface import CodeLayout, TrainingModule
+from unimm_jax.systems import uniwetok
+
+ModelConfig = ml_collections.ConfigDict
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+  """How to build and use one tokenizer.
+
+  build: config.model -> the tokenizer module (`unimm_jax.models.tokenizer_interface`).
+  downsample_factor: config.model -> pixels per latent cell along each side.
+  code_layout: config.model -> CodeLayout, or None for a continuous tokenizer.
+  training_modules: the whole config -> the training-only modules its loss switches on.
+  import_weights: (path, config.model) -> params from the authors' released weights, or
+    None when there is no importer (`--mode=import`).
+  """
+  build: Callable[[ModelConfig], nn.Module]
+  downsample_factor: Callable[[ModelConfig], int]
+  code_layout: Callable[[ModelConfig], CodeLayout | None]
+  training_modules: Callable[[ml_collections.ConfigDict], list[TrainingModule]]
+  import_weights: Callable[[str, ModelConfig], Any] | None = None
+
+
+TOKENIZERS: dict[str, TokenizerSpec] = {
+    "uniwetok": TokenizerSpec(build=uniwetok.build, downsample_factor=uniwetok.downsample_factor,
+                              code_layout=uniwetok.code_layout,
+                              training_modules=uniwetok.training_modules,
+                              import_weights=uniwetok.import_weights),
+}
+
+
+def spec(model_config: ModelConfig) -> TokenizerSpec:
+  """The spec of config.model.name; an unknown name is an error listing the known ones."""
+  if model_config.name not in TOKENIZERS:
+    raise ValueError(f"config.model.name={model_config.name!r} is not one of "
+                     f"{sorted(TOKENIZERS)}")
+  return TOKENIZERS[model_config.name]
+
+
+def init_params(model: nn.Module, config: ml_collections.ConfigDict, rng) -> Any:
+  """A tokenizer's params (boxed with logical names) for config.data.image_size images;
+  under `jax.eval_shape`, their shapes alone."""
+  params_rng, noise_rng = jax.random.split(rng)
+  size = config.data.image_size
+  return model.init({"params": params_rng, "noise": noise_rng},
+                    jnp.zeros((1, size, size, 3), jnp.float32), train=False)["params"]
