@@ -1,5 +1,10 @@
 """Shared fixtures: subprocess runs of `unimm_jax.main` on the tiny UniWeTok config.
 
+Markers: `parity` (compared against a PyTorch reference: torch ops, transformers models, or
+a fixture their code made) and `e2e` (end-to-end runs: `python -m unimm_jax.main`, a
+notebook or several processes as subprocesses, and every UniWeTok ablation row through the
+whole trainer). `bash launch/test.sh --fast` runs the tests that carry neither.
+
 Each end-to-end run is a separate process (as a user would start it), so device counts can
 differ between runs. Runs are session-scoped and shared by the tests that read them.
 
@@ -27,6 +32,12 @@ from safetensors.numpy import save_file
 from inception_fixture_weights import random_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "parity: compared against a PyTorch reference")
+  config.addinivalue_line("markers", "e2e: end-to-end runs (subprocesses of unimm_jax.main, "
+                          "notebooks, every ablation row through the trainer)")
 TINY = "configs/uniwetok.py:tiny"
 
 

@@ -107,6 +107,7 @@ def _copy_into_torch(torch, net, params):
       m.bias.copy_(torch.from_numpy(np.array(params[f'norm{i}']['bias'])))
 
 
+@pytest.mark.parity
 def test_patchgan_matches_torch_nlayer_discriminator(patchgan):
   """Same weights, same outputs: train mode (batch statistics), running statistics after one
   step (PyTorch's running variance is unbiased), then eval mode with those statistics."""
@@ -200,6 +201,7 @@ _SHARDED_BATCHNORM = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.e2e
 def test_patchgan_batchnorm_on_8_sharded_devices_equals_one_device():
   proc = subprocess.run([sys.executable, '-c', _SHARDED_BATCHNORM], cwd=REPO,
                         env=subprocess_env(8), capture_output=True, text=True, timeout=300)

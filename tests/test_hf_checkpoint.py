@@ -41,6 +41,7 @@ def test_sharded_index_and_views(tmp_path):
     hf_checkpoint.tensor(ckpt, 'l2.w')
 
 
+@pytest.mark.parity
 def test_bfloat16_tensors_are_read(tmp_path):
   torch = pytest.importorskip('torch')
   from safetensors.torch import save_file as save_torch

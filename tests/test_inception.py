@@ -15,6 +15,8 @@ from unimm_jax.convert.inception_weights import load_fid_inception
 from unimm_jax.models.inception import (FIDInceptionV3, _avg_pool_3x3_same, _max_pool_3x3,
                                         resize_bilinear_like_torch)
 
+pytestmark = pytest.mark.parity
+
 def test_features_match_pytorch_fid(inception_reference, inception_weights_file):
   model, variables = load_fid_inception(inception_weights_file)
   assert isinstance(model, FIDInceptionV3)

@@ -13,6 +13,8 @@ from unimm_jax.parallel import mesh as mesh_lib
 from unimm_jax.parallel.context import MeshContext
 from unimm_jax.train import tasks
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def requested_fields(monkeypatch):

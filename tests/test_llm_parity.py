@@ -19,6 +19,8 @@ transformers = pytest.importorskip('transformers')
 from unimm_jax.convert import load_pretrained  # noqa: E402
 from unimm_jax.inference import sampling  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 VOCAB = 160
 PAD = 0
 MAX_NEW = 8

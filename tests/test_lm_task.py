@@ -10,6 +10,8 @@ import pytest
 from conftest import (REPO, assert_same_saved_state, main_command, read_metrics, run_main,
                       subprocess_env)
 
+pytestmark = pytest.mark.e2e
+
 LM_TINY = "configs/lm.py:tiny"
 
 

@@ -19,6 +19,8 @@ import lpips_fixture_weights
 from unimm_jax.evals import lpips as lpips_eval
 from unimm_jax.models import lpips as lpips_model
 
+pytestmark = pytest.mark.parity
+
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures',
                        'lpips_reference.npz')
 

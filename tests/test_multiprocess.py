@@ -18,6 +18,8 @@ import pytest
 from conftest import REPO, assert_losses_match, main_command, read_metrics, subprocess_env
 from unimm_jax.parallel import multihost
 
+pytestmark = pytest.mark.e2e
+
 # JAX's preemption sync point is agreed through the coordination service; a run that got
 # SIGTERM before training stops at one of the first steps, long before this.
 STEPS = 4

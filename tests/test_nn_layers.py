@@ -223,6 +223,7 @@ def test_depth_to_space_is_dcr():
   np.testing.assert_array_equal(depth_to_space(jnp.asarray(x), 2), _reference_depth_to_space(x, 2))
 
 
+@pytest.mark.parity
 def test_depth_to_space_against_torch_pixel_shuffle():
   torch = pytest.importorskip('torch')
   x = _randn(2, 3, 4, 12)
@@ -253,6 +254,7 @@ def _torch_conv(torch, t, kernel, bias=None, stride=1):
   return torch.nn.functional.conv2d(t, weight, bias, stride=stride, padding=kernel.shape[0] // 2)
 
 
+@pytest.mark.parity
 def test_res_block_against_torch_ops():
   torch = pytest.importorskip('torch')
   F = torch.nn.functional
@@ -274,6 +276,7 @@ def test_res_block_against_torch_ops():
   assert 'nin_shortcut' not in jax.eval_shape(ResBlock(32).init, jax.random.key(0), x)['params']
 
 
+@pytest.mark.parity
 def test_downsample_pads_symmetrically_like_torch():
   torch = pytest.importorskip('torch')
   x = _randn(2, 8, 8, 4)

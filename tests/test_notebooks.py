@@ -2,9 +2,12 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO
+
+pytestmark = pytest.mark.e2e
 
 
 def test_inspect_latents_notebook_runs(full_run, monkeypatch):

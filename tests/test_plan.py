@@ -6,9 +6,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from conftest import REPO, main_command, subprocess_env
 from unimm_jax.train import plan
+
+pytestmark = pytest.mark.e2e
 
 
 def test_jaxpr_flops_of_matmul_conv_scan_and_grad():

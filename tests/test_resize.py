@@ -10,6 +10,8 @@ from unimm_jax.nn.resize import (antialias_bilinear_weights, bicubic_matrix,
                                  resize_antialias_bilinear, resize_bicubic,
                                  resize_grid_to_shapes)
 
+pytestmark = pytest.mark.parity
+
 torch = pytest.importorskip('torch')
 F = torch.nn.functional
 

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import REPO, subprocess_env
 
+pytestmark = pytest.mark.e2e
+
 # (rule set, mesh data/fsdp/tensor) on 8 devices.
 MESHES = {"data_parallel": (8, 1, 1), "fsdp": (2, 4, 1), "tensor": (4, 1, 2),
           "fsdp_tensor": (2, 2, 2)}

@@ -129,6 +129,7 @@ def test_byte_tokenizer_chat_is_chatml():
     tok.render_chat([])
 
 
+@pytest.mark.parity
 def test_hf_tokenizer_matches_transformers(hf_dir):
   transformers = pytest.importorskip('transformers')
   ours = text_tokenizer.load_tokenizer(hf_dir)
@@ -158,6 +159,7 @@ def test_hf_tokenizer_matches_transformers(hf_dir):
     ours.render_chat([{'role': 'assistant', 'content': 'hi'}])
 
 
+@pytest.mark.parity
 def test_hf_tokenizer_bos_from_post_processor(tmp_path):
   transformers = pytest.importorskip('transformers')
   directory = _save_hf_tokenizer(str(tmp_path / 'bos'), bos_processor=True)
@@ -255,6 +257,7 @@ _CORPUS_HASH = ('import hashlib; from unimm_jax.data import text_corpus; '
                 '.encode()).hexdigest())')
 
 
+@pytest.mark.e2e
 def test_builtin_corpus_is_deterministic_with_disjoint_eval_split():
   docs = text_corpus.builtin_documents()
   assert len(docs) > 500 and sum(map(len, docs)) > 500_000

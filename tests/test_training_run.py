@@ -14,6 +14,8 @@ import pytest
 from conftest import (REPO, assert_losses_match, assert_same_saved_state, main_command,
                       read_metrics, run_main, subprocess_env)
 
+pytestmark = pytest.mark.e2e
+
 
 def test_run_leaves_logs_images_checkpoints(full_run):
   workdir, proc = full_run

@@ -46,6 +46,7 @@ def tiny_teacher(tmp_path_factory):
   return str(path)
 
 
+@pytest.mark.e2e  # the whole trainer for each of 13 configs: 3 minutes, kept out of --fast
 @pytest.mark.parametrize("rows", _distinct_rows(), ids=lambda rows: "=".join(rows))
 def test_row_trains_two_steps(rows, tiny_teacher):
   config = _tiny_row(rows[0], tiny_teacher)
@@ -68,6 +69,7 @@ def test_row_trains_two_steps(rows, tiny_teacher):
     assert ("query" in state.module_params["gap_prior"]) == config.gap_prior.use_query_token
 
 
+@pytest.mark.e2e
 def test_every_term_is_logged_under_its_name(tiny_teacher, tmp_path):
   """The full method (Table 1 row 3) end to end: each term has its own metrics.jsonl key."""
   run_main(tmp_path, f"--config.teacher.path={tiny_teacher}", "--config.train.steps=2",

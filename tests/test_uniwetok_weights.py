@@ -22,6 +22,8 @@ from unimm_jax.inference import restore
 from unimm_jax.train import from_checkpoint
 from unimm_jax.train import trainer
 
+pytestmark = pytest.mark.parity
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 STATE_DICT = os.path.join(FIXTURES, 'uniwetok_tiny_state_dict.safetensors')
 REFERENCE = os.path.join(FIXTURES, 'uniwetok_tiny_reference.npz')
@@ -146,6 +148,7 @@ def test_ema_copy_is_preferred_and_training_extras_are_ignored(tensors):
                                 np.transpose(tensors['encoder.conv_in.weight'], (2, 3, 1, 0)))
 
 
+@pytest.mark.e2e
 def test_import_mode_writes_step_0_of_a_workdir(tmp_path):
   """`--mode=import` stores their weights as params and EMA of step 0; eval/encode/decode
   restore them, and training in place starts its data from the beginning."""

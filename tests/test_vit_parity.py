@@ -21,6 +21,8 @@ transformers = pytest.importorskip('transformers')
 
 from unimm_jax.convert import load_pretrained  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, patch_size=4)
 ATOL = RTOL = 1e-4

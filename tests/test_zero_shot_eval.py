@@ -118,6 +118,7 @@ def test_zero_shot_without_distillation_heads_is_refused(tmp_path):
     tasks.build_task(config).evaluate_checkpoint(context, str(tmp_path))
 
 
+@pytest.mark.e2e
 def test_eval_mode_reports_zero_shot_accuracy(tiny_teacher, tmp_path):
   workdir = tmp_path / "run"
   teacher = f"--config.teacher.path={tiny_teacher}"

@@ -78,8 +78,8 @@ class GridTransformer(nn.Module):
   num_registers: int
   positions: GridPositions
   dtype: Dtype = jnp.float32
-  remat: bool = False
   implementation: str | None = 'xla'
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
