@@ -3,6 +3,7 @@
 The LLM tests reuse test_llm's tiny model with random std-0.5 weights, so a token a mask
 hides or reveals changes the outputs visibly.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from test_llm import ATOL, _ids, forward, model_and_params  # noqa: F401 (fixtures)
 from unimm_jax.models import llm
 from unimm_jax.nn import masks
+from unimm_jax.nn.attention import MultiHeadAttention
 
 
 def _allowed(spec: masks.MaskSpec) -> np.ndarray:
@@ -102,3 +104,15 @@ def test_llm_default_mask_is_causal(model_and_params, forward):
   ids = _ids(2, 8, seed=8)
   got = model.apply({'params': params}, ids, mask=masks.causal(2, 8))
   np.testing.assert_allclose(got, forward(ids), atol=ATOL)
+
+
+def test_attention_segment_ids_equal_each_segment_alone():
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 7, 16)), jnp.float32)
+  segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2]])
+  attention = MultiHeadAttention(4, qkv_bias=True)
+  params = nn.unbox(attention.init(jax.random.key(0), x))
+  for spec in (None, masks.causal(1, 7)):
+    packed = attention.apply(params, x, mask=spec, segment_ids=segments)
+    first = attention.apply(params, x[:, :3], mask=None if spec is None else masks.causal(1, 3))
+    second = attention.apply(params, x[:, 3:], mask=None if spec is None else masks.causal(1, 4))
+    np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=1e-5)

@@ -29,7 +29,8 @@ chunked into three equal row blocks first (q, k, v in that order); `out_proj.wei
 
 Masks: `mask` is a `unimm_jax.nn.masks.MaskSpec` (self-attention: the same orders for queries
 and keys) or a dense (b, 1, q, k) bool array built with `masks.dense_mask` (a stack computes
-it once for all its layers); `key_mask` (b, k) marks padding keys. With a `LayerCache`, the
+it once for all its layers); `key_mask` (b, k) marks padding keys; `segment_ids` (b, t) keep
+self-attention inside runs of equal ids (packed sequences). With a `LayerCache`, the
 new keys and values are written into the cache in place and attention runs over every slot.
 The softmax scale is 1 / sqrt(head_dim); logits and softmax are float32 (XLA's reference
 implementation accumulates them in float32 whatever the input dtype).
@@ -61,8 +62,9 @@ class MultiHeadAttention(nn.Module):
   Shapes: x (b, t, d) queries; kv (b, s, d_kv) keys/values, default x (self-attention);
   angles (t, head_dim // 2) or (b, t, head_dim // 2) rotary angles for q and k
   (self-attention only) or None; key_mask (b, s) bool, False for padding keys; mask a
-  MaskSpec or (b, 1, t, s) bool; cache a `kv_cache.LayerCache` (self-attention), whose slots
-  then make s. Returns (b, t, out_features or d); with a cache, (that, updated cache).
+  MaskSpec or (b, 1, t, s) bool; segment_ids (b, t) int (self-attention); cache a
+  `kv_cache.LayerCache` (self-attention), whose slots then make s. Returns
+  (b, t, out_features or d); with a cache, (that, updated cache).
   """
   num_heads: int
   num_kv_heads: int | None = None
@@ -112,14 +114,16 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x: jax.Array, kv: jax.Array | None = None,
                angles: jax.Array | None = None, key_mask: jax.Array | None = None, *,
                mask: masks.MaskSpec | jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
                cache: kv_cache.LayerCache | None = None):
     self_attention = kv is None
     kv = x if kv is None else kv
     chex.assert_rank([x, kv], 3)
     head_dim = self._check(x.shape[-1])
     kv_heads = self.num_kv_heads or self.num_heads
-    if not self_attention and (angles is not None or cache is not None):
-      raise ValueError('rotary angles and a KV cache are for self-attention only')
+    if not self_attention and (angles is not None or cache is not None
+                               or segment_ids is not None):
+      raise ValueError('rotary angles, segment ids and a KV cache are for self-attention only')
     q = self._project('query', x, (self.num_heads, head_dim), ('embed', 'heads', 'kv'),
                       self.qkv_bias)
     # kv heads shard over 'heads' too; spec_for replicates them when tensor does not divide.
@@ -136,18 +140,22 @@ class MultiHeadAttention(nn.Module):
                for t in (q, k, v))
     if cache is not None:
       cache, k, v = kv_cache.write_layer(cache, k, v)
-    dense = _dense(mask, key_mask)
+    dense = _dense(mask, key_mask, segment_ids)
     out = jax.nn.dot_product_attention(q, k, v, mask=dense, implementation=self.implementation)
     y = self._project('out', out, (self.out_features or x.shape[-1],),
                       ('heads', 'kv', 'embed'), self.out_bias)
     return y if cache is None else (y, cache)
 
 
-def _dense(mask: masks.MaskSpec | jax.Array | None, key_mask: jax.Array | None
-           ) -> jax.Array | None:
-  """(b, 1, t, s) bool from a MaskSpec or dense mask and a (b, s) key mask, or None."""
+def _dense(mask: masks.MaskSpec | jax.Array | None, key_mask: jax.Array | None,
+           segment_ids: jax.Array | None) -> jax.Array | None:
+  """(b, 1, t, s) bool from a MaskSpec or dense mask, a (b, s) key mask and (b, t) segment
+  ids, or None when nothing is masked."""
   if isinstance(mask, masks.MaskSpec):
-    mask = masks.dense_mask(mask.order, mask.order)
+    mask = masks.dense_mask(mask.order, mask.order, segment_ids, segment_ids)
+  elif segment_ids is not None:
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    mask = same if mask is None else mask & same
   if key_mask is not None:
     keys = key_mask[:, None, None, :].astype(bool)
     mask = keys if mask is None else mask & keys
