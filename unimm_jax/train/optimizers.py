@@ -119,6 +119,9 @@ class Optimizer:
 
   def _transformation(self) -> optax.GradientTransformation:
     o = self.config
+    if not self.groups:  # one group: no labels to compute
+      base = self._base(1.0, o.weight_decay)
+      return optax.chain(optax.clip_by_global_norm(o.grad_clip), base) if o.grad_clip > 0 else base
     per_group = {DEFAULT_GROUP: self._base(1.0, o.weight_decay)}
     for g in self.groups:
       per_group[g.name] = (optax.set_to_zero() if g.frozen else self._base(
