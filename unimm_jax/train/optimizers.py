@@ -48,11 +48,9 @@ def path_strings(tree, prefix: str = "") -> Any:
   """Each leaf's path as 'a/b/c' (prefix prepended), in a tree of tree's structure. A boxed
   parameter (nn.Partitioned, as init returns them) counts as one leaf, so its path has no
   trailing '/value' and the tree is a prefix of the boxed and the unboxed tree alike."""
-  def name(path, _):
-    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
-    return prefix + "/".join(str(k) for k in keys)
-  return jax.tree_util.tree_map_with_path(name, tree,
-                                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: prefix + jax.tree_util.keystr(path, simple=True, separator="/"), tree,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 @dataclasses.dataclass(frozen=True)
