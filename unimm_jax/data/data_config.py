@@ -1,6 +1,7 @@
 """The `data` block of a run config: its fields, their defaults, and their checks.
 
-    source                'builtin'   'builtin' | 'synthetic' | 'folder' | 'array_record' | 'tfds'
+    source                'builtin'   'builtin' | 'synthetic' | 'scenes' | 'folder' |
+                                      'array_record' | 'tfds'
     path                  ''          folder root, or ArrayRecord glob(s) (comma-separated or a
                                       list); each ArrayRecord record is one encoded image's bytes
     tfds_name             ''          TFDS dataset name (source 'tfds')
@@ -16,6 +17,8 @@
     builtin_names         'photos'    builtin train photos: names and named sets
                                       ('photos', 'faces_text'), comma-separated or a tuple
     synthetic_num_images  1024        size of the synthetic train set
+    scenes_num_images     4096        size of the procedural-scene train set (source
+                                      'scenes'; eval is the held-out scene seeds)
     resolution_buckets    ''          several train resolutions at once (UniWeTok stage 2):
                                       'SIDE:GLOBAL_BATCH,...', e.g. '256:128,512:32'; batches
                                       alternate between the buckets, each batch at one side;
@@ -29,6 +32,7 @@ from __future__ import annotations
 import ml_collections
 
 from unimm_jax.data import builtin_images
+from unimm_jax.data import scenes
 from unimm_jax.data.sources import SOURCES
 from unimm_jax.data.transforms import RESIZE_MODES
 
@@ -49,6 +53,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       'worker_buffer_size': 2,
       'builtin_names': 'photos',
       'synthetic_num_images': 1024,
+      'scenes_num_images': 4096,
       'resolution_buckets': '',
   })
 
@@ -77,7 +82,7 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data_config.resize_mode must be one of {RESIZE_MODES}, got '
                      f'{data_config.resize_mode!r}')
   for field, minimum in (('image_size', 1), ('num_workers', 0), ('worker_buffer_size', 1),
-                         ('synthetic_num_images', 1)):
+                         ('synthetic_num_images', 1), ('scenes_num_images', 1)):
     value = data_config[field]
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
       raise ValueError(f'data_config.{field} must be an int >= {minimum}, got {value!r}')
@@ -86,5 +91,10 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data_config.path is empty; source {data_config.source!r} needs it')
   if data_config.source == 'tfds' and not data_config.tfds_name:
     raise ValueError("data_config.tfds_name is empty; source 'tfds' needs it")
+  if data_config.source == 'scenes':
+    start, stop = scenes.SPLITS['train']
+    if data_config.scenes_num_images > stop - start:
+      raise ValueError(f'data_config.scenes_num_images must be <= {stop - start} (the train '
+                       f'scene seeds), got {data_config.scenes_num_images}')
   if data_config.source == 'builtin':
     builtin_images.expand_builtin_names(data_config.builtin_names)

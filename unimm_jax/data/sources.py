@@ -1,7 +1,7 @@
 """Random-access image sources: `len(source)` and `source[i] -> SourceRecord`.
 
 A record is encoded image bytes (folder, ArrayRecord, TFDS), a decoded `uint8 (h, w, 3)`
-array (builtin, synthetic) or an `Unreadable` marker when reading the record itself failed
+array (builtin, synthetic, scenes) or an `Unreadable` marker when reading the record itself failed
 (a file vanished, a permission error, a damaged ArrayRecord chunk). Sources never raise from
 `__getitem__`; decoding and its failures are left to `transforms.ImageTransform`.
 
@@ -12,6 +12,9 @@ Train / eval split per `data_config.source` (`make_source(data_config, split=...
 
 - `builtin`: train = `builtin_names` (expanded); eval = `builtin_images.EVAL_NAMES`.
 - `synthetic`: train = indices `[0, synthetic_num_images)`; eval = the indices after those.
+- `scenes`: procedural scenes (`scenes.SceneImageSource`) rendered at `image_size`: train =
+  the first `scenes_num_images` train scene seeds, eval = the held-out eval scene seeds
+  (`scenes.SPLITS['eval']`, some with colour-shape pairs that train never shows).
 - `folder`: `path` is a directory searched recursively for files with an image extension
   (`IMAGE_EXTENSIONS`, case-insensitive; hidden files and directories are ignored), sorted
   by relative path. `split` is not used.
@@ -29,7 +32,8 @@ indices 0, 100, 200, ...) is held out for eval and the train split never sees it
 
 Class labels (zero-shot classification, `make_labelled_source`): a folder file's label is the
 name of its first-level subdirectory (ImageNet-style `val/<class>/<file>`), a str; a TFDS
-record's is its integer `label` feature. builtin, synthetic and array_record have none.
+record's is its integer `label` feature. builtin, synthetic, scenes and array_record have
+none.
 """
 
 from __future__ import annotations
@@ -43,13 +47,14 @@ import ml_collections
 import numpy as np
 
 from unimm_jax.data import builtin_images
+from unimm_jax.data import scenes
 from unimm_jax.data.transforms import SourceRecord, Unreadable
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 HOLDOUT_STRIDE = 100
 
-SOURCES = ('builtin', 'synthetic', 'folder', 'array_record', 'tfds')
+SOURCES = ('builtin', 'synthetic', 'scenes', 'folder', 'array_record', 'tfds')
 
 LABELLED_SOURCES = ('folder', 'tfds')
 
@@ -374,6 +379,12 @@ def make_source(data_config: ml_collections.ConfigDict, split: str) -> ImageSour
   if kind == 'synthetic':
     n = data_config.synthetic_num_images
     return SyntheticSource(n, data_config.image_size, first_index=0 if train else n)
+  if kind == 'scenes':
+    if train:
+      return scenes.SceneImageSource('train', data_config.scenes_num_images,
+                                     data_config.image_size)
+    start, stop = scenes.SPLITS['eval']
+    return scenes.SceneImageSource('eval', stop - start, data_config.image_size)
   if data_config.eval_split and not train:
     source = _raw_source(data_config, 'eval_split')
   else:
@@ -393,8 +404,9 @@ def make_labelled_source(data_config: ml_collections.ConfigDict) -> LabelledSour
   """The eval source of `data_config` (as `make_source`), with `labelled(i)` -> (record, label).
 
   Raises:
-    ValueError when the source has no class labels: builtin, synthetic or array_record, a
-    folder with image files outside class subdirectories, a TFDS dataset without a `label`.
+    ValueError when the source has no class labels: builtin, synthetic, scenes or
+    array_record, a folder with image files outside class subdirectories, a TFDS dataset
+    without a `label`.
   """
   if data_config.source not in LABELLED_SOURCES:
     raise ValueError(f'data_config.source={data_config.source!r} has no class labels, which '

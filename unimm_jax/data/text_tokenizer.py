@@ -389,10 +389,16 @@ def _compile_chat_template(source: str):
 
 
 def load_tokenizer(spec: str) -> TextTokenizer:
-  """`'byte'` -> `ByteTokenizer()`; a directory -> `HFTokenizer.from_dir(spec)`."""
+  """`'byte'` -> `ByteTokenizer()`; `'scene_words'` -> the word-level tokenizer of the
+  procedural scenes (`scene_tokenizer.SceneWordTokenizer`); a directory ->
+  `HFTokenizer.from_dir(spec)`."""
   if spec == 'byte':
     return ByteTokenizer()
+  if spec == 'scene_words':
+    # Imported here: scene_tokenizer subclasses TextTokenizer from this module.
+    from unimm_jax.data import scene_tokenizer  # pylint: disable=g-import-not-at-top
+    return scene_tokenizer.SceneWordTokenizer()
   if not isinstance(spec, str) or not os.path.isdir(spec):
-    raise ValueError(f"tokenizer {spec!r} is neither 'byte' nor a directory holding an HF "
-                     'tokenizer.json')
+    raise ValueError(f"tokenizer {spec!r} is neither 'byte', 'scene_words' nor a directory "
+                     'holding an HF tokenizer.json')
   return HFTokenizer.from_dir(spec)

@@ -1,0 +1,171 @@
+"""Checks on the procedural scenes: answer accuracy and generated-image verification.
+
+Answers (`answer_accuracy`). A prediction is right when it equals the reference after
+`normalise_answer`: lower-cased, punctuation removed, whitespace collapsed, a leading article
+('a', 'an', 'the') dropped, and number words written as digits ('two' == '2'). Accuracy
+is reported per question type (`accuracy/<type>`, also `accuracy/caption`: exact match of
+the whole caption) and over the one-word types (`accuracy/all`, captions excluded), with
+two baselines per type so a report can say how far above chance a model is:
+
+    chance/<type>    1 / number of possible answers (uniform guessing): colour 1/7,
+                     shape 1/4, count 1/5 (0-4), left_right 1/2, yes_no 1/2
+    majority/<type>  accuracy of always giving the type's most common reference answer
+
+plus `count/<type>` (examples scored) and, given held-out flags, `accuracy/held_out` and
+`accuracy/seen` over the one-word types.
+
+Generated images (`check_generated_image`). Each pixel is assigned the nearest colour of
+`scenes.COLOURS` when it is within `max_distance` (RGB, Euclidean) of it, else none (the
+dark backgrounds, blurred edges). A target of `check` passes when, inside its region, its
+colour has the most pixels among the palette colours and covers at least
+`check['min_fraction']` of the region. An image passes when every target passes.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+from typing import Sequence
+
+import numpy as np
+
+from unimm_jax.data import scenes
+from unimm_jax.data.scene_conversations import NUMBER_WORDS, QUESTION_TYPES
+
+# The one-word question types that `accuracy/all` averages over.
+ANSWER_TYPES = tuple(t for t in QUESTION_TYPES if t != 'caption')
+# question type -> every answer the scene data can give to it.
+ANSWERS: dict[str, tuple[str, ...]] = {
+    'colour': tuple(scenes.COLOURS),
+    'shape': scenes.SHAPES,
+    'count': tuple(str(n) for n in range(scenes.MAX_OBJECTS + 1)),
+    'left_right': ('left', 'right'),
+    'yes_no': ('yes', 'no'),
+}
+DEFAULT_MAX_DISTANCE = 80.0
+_ARTICLES = ('a', 'an', 'the')
+_DIGIT_OF = {word: str(i) for i, word in enumerate(NUMBER_WORDS)}
+_PUNCTUATION = re.compile(f'[{re.escape(string.punctuation)}]')
+
+
+def normalise_answer(text: str) -> str:
+  """'The Red.' -> 'red', ' Two ' -> '2', 'a circle' -> 'circle' (module docstring)."""
+  words = _PUNCTUATION.sub(' ', str(text).lower()).split()
+  if len(words) > 1 and words[0] in _ARTICLES:
+    words = words[1:]
+  return ' '.join(_DIGIT_OF.get(w, w) for w in words)
+
+
+def answer_accuracy(predictions: Sequence[str], references: Sequence[str],
+                    question_types: Sequence[str],
+                    held_out: Sequence[bool] | None = None) -> dict[str, float]:
+  """Accuracy per question type and over all one-word types, with chance baselines.
+
+  Args:
+    predictions: the model's answers, one per example.
+    references: the reference answers (`meta['answer']` of the scene records).
+    question_types: `meta['question_type']` of each example (a `QUESTION_TYPES` name).
+    held_out: optional `meta['held_out']` flags; adds `accuracy/held_out` and
+      `accuracy/seen`.
+
+  Returns:
+    {'accuracy/<type>', 'chance/<type>', 'majority/<type>', 'count/<type>' for every type
+    present, 'accuracy/all', 'chance/all', 'majority/all', 'count/all'} (floats; chance and
+    majority are not given for captions); a type or group with no examples is left out.
+  """
+  n = len(references)
+  if len(predictions) != n or len(question_types) != n or (
+      held_out is not None and len(held_out) != n):
+    raise ValueError(f'predictions ({len(predictions)}), references ({n}), question_types '
+                     f'({len(question_types)}) and held_out must have one entry per example')
+  unknown = sorted(set(question_types) - set(QUESTION_TYPES))
+  if unknown:
+    raise ValueError(f'unknown question type(s) {unknown}; expected {QUESTION_TYPES}')
+  right = [normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references)]
+  by_type = collections.defaultdict(list)
+  for i, qtype in enumerate(question_types):
+    by_type[qtype].append(i)
+  out: dict[str, float] = {}
+  one_word = [i for i, t in enumerate(question_types) if t in ANSWER_TYPES]
+  for qtype in QUESTION_TYPES:
+    rows = by_type.get(qtype)
+    if not rows:
+      continue
+    out[f'accuracy/{qtype}'] = float(np.mean([right[i] for i in rows]))
+    out[f'count/{qtype}'] = float(len(rows))
+    if qtype in ANSWER_TYPES:
+      out[f'chance/{qtype}'] = 1.0 / len(ANSWERS[qtype])
+      most = collections.Counter(normalise_answer(references[i]) for i in rows).most_common(1)
+      out[f'majority/{qtype}'] = most[0][1] / len(rows)
+  if one_word:
+    total = float(len(one_word))
+    out['accuracy/all'] = sum(right[i] for i in one_word) / total
+    out['count/all'] = total
+    for baseline in ('chance', 'majority'):
+      out[f'{baseline}/all'] = sum(out[f'{baseline}/{t}'] * len(by_type[t])
+                                   for t in ANSWER_TYPES if t in by_type) / total
+  if held_out is not None:
+    for name, flag in (('held_out', True), ('seen', False)):
+      rows = [i for i in one_word if bool(held_out[i]) == flag]
+      if rows:
+        out[f'accuracy/{name}'] = float(np.mean([right[i] for i in rows]))
+  return out
+
+
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+  """`uint8 (h, w, 3)` of a uint8 image or a float image in [-1, 1]."""
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f'expected an (h, w, 3) image, got shape {image.shape}')
+  if image.dtype == np.uint8:
+    return image
+  if not np.issubdtype(image.dtype, np.floating):
+    raise ValueError(f'expected a uint8 image or a float image in [-1, 1], got {image.dtype}')
+  return np.round((np.clip(image, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def palette_labels(image: np.ndarray, max_distance: float = DEFAULT_MAX_DISTANCE
+                   ) -> np.ndarray:
+  """int (h, w): index into `scenes.COLOURS` of each pixel's nearest colour, -1 if none is
+  within `max_distance`. `image` is uint8 (h, w, 3) or float (h, w, 3) in [-1, 1]."""
+  pixels = _as_uint8(image).astype(np.float32)
+  palette = np.asarray(list(scenes.COLOURS.values()), np.float32)
+  distance = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1)
+  labels = distance.argmin(-1)
+  return np.where(distance.min(-1) <= max_distance, labels, -1)
+
+
+def target_passes(labels: np.ndarray, target: dict, min_fraction: float) -> bool:
+  """Whether `target` ({'colour', 'region': [x0, y0, x1, y1]}) holds in `palette_labels`."""
+  h, w = labels.shape
+  x0, y0, x1, y1 = target['region']
+  box = labels[int(round(y0 * h)):int(round(y1 * h)), int(round(x0 * w)):int(round(x1 * w))]
+  if box.size == 0:
+    return False
+  counts = np.bincount(box[box >= 0].ravel(), minlength=len(scenes.COLOURS))
+  wanted = counts[list(scenes.COLOURS).index(target['colour'])]
+  return bool(wanted >= min_fraction * box.size and wanted == counts.max())
+
+
+def check_generated_image(image: np.ndarray, check: dict,
+                          max_distance: float = DEFAULT_MAX_DISTANCE) -> bool:
+  """Whether a generated image shows what the prompt of `check` (`meta['check']`) asked.
+
+  Args:
+    image: uint8 (h, w, 3), or float (h, w, 3) in [-1, 1].
+    check: {'targets': [{'colour', 'region', ...}, ...], 'min_fraction': float}.
+    max_distance: how far (RGB) a pixel may be from a palette colour to count as it.
+  """
+  labels = palette_labels(image, max_distance)
+  return all(target_passes(labels, t, check['min_fraction']) for t in check['targets'])
+
+
+def generation_pass_rate(images: Sequence[np.ndarray], checks: Sequence[dict],
+                         max_distance: float = DEFAULT_MAX_DISTANCE) -> float:
+  """Fraction of `images` (each as in `check_generated_image`) that pass their check."""
+  if len(images) != len(checks) or not checks:
+    raise ValueError(f'need one check per image and at least one image, got {len(images)} '
+                     f'images and {len(checks)} checks')
+  return float(np.mean([check_generated_image(im, c, max_distance)
+                        for im, c in zip(images, checks)]))
