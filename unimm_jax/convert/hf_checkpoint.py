@@ -118,10 +118,16 @@ class Converted:
   sources: nested dict of LazyArray with the structure of the model's params.
   example_inputs: small arrays (or ShapeDtypeStructs) that `model.init` accepts, used only
     through jax.eval_shape to get the parameter shapes and logical names.
+  parts: further networks held by the same checkpoint, by name, each a Converted (a full
+    Chameleon: its VQGAN image tokenizer beside the LLM).
+  initialised: top-level parameter names the checkpoint does not hold, whose sources are
+    freshly initialised values (a transformers Chameleon VQ has no decoder).
   """
   model: nn.Module
   sources: dict
   example_inputs: tuple
+  parts: Mapping[str, 'Converted'] = dataclasses.field(default_factory=dict)
+  initialised: tuple[str, ...] = ()
 
 
 def tensor(checkpoint: HFCheckpoint, key: str,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from unimm_jax.convert import chameleon_vqgan
 from unimm_jax.convert import hf_checkpoint
 from unimm_jax.convert import hf_llm
 from unimm_jax.convert import hf_vit
@@ -23,7 +24,28 @@ Converter = Callable[..., Converted]
 
 def _converters() -> dict[str, Converter]:
   return {**{model_type: hf_vit.convert for model_type in hf_vit.MODEL_TYPES},
-          **{model_type: hf_llm.convert for model_type in hf_llm.MODEL_TYPES}}
+          **{model_type: hf_llm.convert for model_type in hf_llm.MODEL_TYPES},
+          # A full Chameleon: its LLM, and its VQ image tokenizer as part 'vqgan'.
+          'chameleon': chameleon_vqgan.convert_chameleon,
+          'chameleon_vqgan': chameleon_vqgan.convert}
+
+
+class Pretrained(tuple):
+  """`(model, variables)` of a checkpoint's main network, unpacked like a pair, plus:
+
+  parts: the checkpoint's other networks by name, each a `(model, variables)` pair (a full
+    Chameleon: `parts['vqgan']`, its image tokenizer, beside the LLM); empty for most.
+  initialised: top-level parameter names the checkpoint lacked, initialised instead, those
+    of a part prefixed with its name (a transformers `chameleon_vqgan`: `('decoder',)`; a full
+    Chameleon: `('vqgan/decoder',)`).
+  """
+  parts: dict[str, tuple[nn.Module, dict]]
+  initialised: tuple[str, ...]
+
+  def __new__(cls, model: nn.Module, variables: dict, parts=None, initialised=()):
+    self = super().__new__(cls, (model, variables))
+    self.parts, self.initialised = dict(parts or {}), tuple(initialised)
+    return self
 
 
 def supported_model_types() -> list[str]:
@@ -31,7 +53,7 @@ def supported_model_types() -> list[str]:
 
 
 def load_pretrained(path: str, *, param_dtype: Any = jnp.float32, mesh: Mesh | None = None,
-                    rules: Sequence | None = None, **overrides) -> tuple[nn.Module, dict]:
+                    rules: Sequence | None = None, **overrides) -> Pretrained:
   """Imports a transformers checkpoint directory (config.json + safetensors).
 
   Args:
@@ -43,7 +65,9 @@ def load_pretrained(path: str, *, param_dtype: Any = jnp.float32, mesh: Mesh | N
     **overrides: fields of the family's model config to change (e.g. `scan_layers=True`,
       `dtype=jnp.bfloat16` for compute).
   Returns:
-    (model, variables): `model.apply(variables, inputs...)` with variables = {'params': ...}.
+    (model, variables): `model.apply(variables, inputs...)` with variables = {'params': ...},
+    as a `Pretrained` pair whose `parts` hold the checkpoint's other networks (placed the
+    same way) and `initialised` the parameters it lacked.
   Raises:
     ValueError for an unknown `model_type`, a missing or unexpected tensor, or a shape that
     differs from what config.json implies, naming the tensor.
@@ -56,9 +80,15 @@ def load_pretrained(path: str, *, param_dtype: Any = jnp.float32, mesh: Mesh | N
                      f'(architectures {checkpoint.config.get("architectures")}); supported: '
                      f'{supported_model_types()}')
   converted = converters[model_type](checkpoint, **overrides)
-  abstract = jax.eval_shape(lambda: converted.model.init(jax.random.key(0),
-                                                         *converted.example_inputs))
-  params = hf_checkpoint.place(converted.sources, abstract['params'], dtype=param_dtype,
-                               mesh=mesh,
-                               rules=rules)
-  return converted.model, {'params': params}
+
+  def placed(part: Converted) -> tuple[nn.Module, dict]:
+    abstract = jax.eval_shape(lambda: part.model.init(jax.random.key(0), *part.example_inputs))
+    params = hf_checkpoint.place(part.sources, abstract['params'], dtype=param_dtype,
+                                 mesh=mesh, rules=rules)
+    return part.model, {'params': params}
+
+  return Pretrained(*placed(converted),
+                    parts={name: placed(part) for name, part in converted.parts.items()},
+                    initialised=converted.initialised + tuple(
+                        f'{name}/{p}' for name, part in converted.parts.items()
+                        for p in part.initialised))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from unimm_jax.models.tokenizer_interface import CodeLayout, TrainingModule
+from unimm_jax.systems import chameleon_vqgan
 from unimm_jax.systems import uniwetok
 
 ModelConfig = ml_collections.ConfigDict
@@ -41,6 +42,11 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
                               code_layout=uniwetok.code_layout,
                               training_modules=uniwetok.training_modules,
                               import_weights=uniwetok.import_weights),
+    "chameleon_vqgan": TokenizerSpec(build=chameleon_vqgan.build,
+                                     downsample_factor=chameleon_vqgan.downsample_factor,
+                                     code_layout=chameleon_vqgan.code_layout,
+                                     training_modules=chameleon_vqgan.training_modules,
+                                     import_weights=chameleon_vqgan.import_weights),
 }
 
 
