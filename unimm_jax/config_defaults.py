@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from unimm_jax.data import data_config
+from unimm_jax.data import mllm_data_config
 from unimm_jax.data import text_data_config
 from unimm_jax.parallel import rule_sets
 
@@ -100,7 +101,7 @@ _ENUMS = {
     "optim.schedule": ("constant", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
     "teacher.dtype": ("float32", "bfloat16"),
-    "task": ("tokenizer", "lm"),
+    "task": ("tokenizer", "lm", "mllm"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.image_every",
              "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
@@ -179,8 +180,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.sharding_rules entry {rule!r} is not (logical, mesh_axes)")
   rule_sets.check_mesh(sharding_rules(config), dict(config.mesh),
                        "explicit rules" if config.sharding_rules else config.sharding)
-  validate_data = (text_data_config.validate_text_data_config if config.task == "lm"
-                   else data_config.validate_data_config)
+  validate_data = {"lm": text_data_config.validate_text_data_config,
+                   "mllm": mllm_data_config.validate_mllm_data_config}.get(
+                       config.task, data_config.validate_data_config)
   try:
     validate_data(config.data)
   except ValueError as e:  # name the key as it is spelled on the command line

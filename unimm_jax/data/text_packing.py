@@ -24,11 +24,17 @@ a user corpus need not fit in memory or be tokenized before step one, and each e
 freshly shuffled documents. Resume stays exact: the packer's state is the parent's state
 just before the document in progress plus how many of its tokens earlier rows took, and
 everything upstream is a deterministic function of the seed and the stream position.
+
+The packer itself knows nothing of tokens: a `RowLayout` says how long an element is, how
+many images it holds, whether it may be cut, why it can never be packed, and how segments
+become a row. `TextRows` is the layout above; multimodal examples (`mllm_data.MultimodalRows`)
+are never cut, an example longer than L or with more images than a row holds is dropped and
+counted in `skipped`, and a row closes when the next example's tokens or images do not fit.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from absl import logging
 import grain
@@ -61,27 +67,87 @@ def packed_row(segments: Sequence[np.ndarray], seq_len: int, pad_id: int,
           'targets': targets, 'loss_mask': loss_mask, 'skipped': np.int32(skipped)}
 
 
-class _PackedRowIterator(grain.DatasetIterator):
-  """Packs the parent's token arrays into rows; drops and counts `Unreadable` records.
+class RowLayout(Protocol):
+  """What the packer needs to know about its elements and rows (module docstring)."""
 
-  State: `{'parent': parent state right before the document in progress, 'used': how many
-  of its tokens earlier rows took}`, or the parent's current state and 0 between documents.
+  seq_len: int     # L, tokens per row
+  max_images: int  # images a row holds (0 where elements hold none)
+  cuttable: bool   # whether an element may be split across rows (text) or never (examples)
+
+  def length(self, element) -> int:
+    """Tokens of `element`."""
+
+  def num_images(self, element) -> int:
+    """Images of `element`."""
+
+  def problem(self, element) -> str | None:
+    """Why `element` can never be packed (dropped and counted), or None."""
+
+  def piece(self, element, start: int, stop: int):
+    """Tokens [start, stop) of `element` as a segment (cuttable layouts only)."""
+
+  def row(self, segments: list, skipped: int) -> dict[str, np.ndarray]:
+    """The row of `segments` (their lengths sum to <= L) with `skipped` records dropped."""
+
+
+class TextRows:
+  """`RowLayout` of `int32 (n,)` documents, cut where they overflow: rows of `packed_row`."""
+
+  cuttable = True
+  max_images = 0
+
+  def __init__(self, seq_len: int, pad_id: int):
+    self.seq_len = seq_len
+    self.pad_id = pad_id
+
+  def length(self, element: np.ndarray) -> int:
+    return len(element)
+
+  def num_images(self, element: np.ndarray) -> int:
+    return 0
+
+  def problem(self, element: np.ndarray) -> str | None:
+    return None
+
+  def piece(self, element: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return element[start:stop]
+
+  def row(self, segments: list, skipped: int) -> dict[str, np.ndarray]:
+    return packed_row(segments, self.seq_len, self.pad_id, skipped)
+
+
+class _PackedRowIterator(grain.DatasetIterator):
+  """Packs the parent's elements into rows of `layout`; drops and counts `Unreadable`
+  records and elements with a `layout.problem`.
+
+  State: `{'parent': parent state right before the element in progress, 'used': how many
+  of its tokens earlier rows took}`, or the parent's current state and 0 between elements.
+  An element that closed a row without entering it is in progress with 0 tokens used.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int,
-               max_consecutive: int):
+  def __init__(self, parent: grain.DatasetIterator, layout: RowLayout, max_consecutive: int):
     super().__init__(parent)
-    self._seq_len = seq_len
-    self._pad_id = pad_id
+    self._layout = layout
     self._max_consecutive = max_consecutive
-    self._document = None  # int32 (n,) of the document in progress, or None
+    self._document = None  # the element in progress, or None
     self._document_state = None
     self._used = 0
     self._used_on_restore = 0
     self._skipped_total = 0
 
+  def _problem(self, record) -> str | None:
+    """Why `record` is dropped: its reason (counted in `skipped`), '' when it is empty (not
+    counted), None when it is packed."""
+    if isinstance(record, Unreadable):
+      return record.reason
+    problem = self._layout.problem(record)
+    if problem is None and self._layout.length(record) == 0:
+      return ''
+    return problem
+
   def __next__(self) -> dict[str, np.ndarray]:
-    segments, room, skipped, consecutive = [], self._seq_len, 0, 0
+    layout = self._layout
+    segments, room, images, skipped, consecutive = [], layout.seq_len, 0, 0, 0
     while room:
       if self._document is None:
         state = self._parent.get_state()
@@ -91,30 +157,36 @@ class _PackedRowIterator(grain.DatasetIterator):
           if segments or skipped:  # a finite stream: its last row is padded
             break
           raise
-        if isinstance(record, Unreadable) or len(record) == 0:
+        problem = self._problem(record)
+        if problem is not None:
           consecutive += 1
           if consecutive >= self._max_consecutive:
-            raise RuntimeError(f'{consecutive} unreadable or empty documents in a row; the '
-                               f'data looks broken. Last: {record}')
-          if isinstance(record, Unreadable):
+            raise RuntimeError(f'{consecutive} unreadable, unpackable or empty records in a '
+                               f'row; the data looks broken. Last: {problem or "empty"}')
+          if problem:
             skipped += 1
             self._skipped_total += 1
-            logging.log_every_n(logging.WARNING, 'Skipping unreadable document (%d so far in '
-                                'this process): %s', 100, self._skipped_total, record.reason)
+            logging.log_every_n(logging.WARNING, 'Skipping a record (%d so far in this '
+                                'process): %s', 100, self._skipped_total, problem)
           continue
         self._document, self._document_state = record, state
         self._used, self._used_on_restore = self._used_on_restore, 0
-      rest = len(self._document) - self._used
-      if segments and room < rest <= self._seq_len:
-        break  # it fits an empty row whole: start the next row with it instead of cutting
+      rest = layout.length(self._document) - self._used
+      new_images = layout.num_images(self._document) if self._used == 0 else 0
+      if segments and (room < rest <= layout.seq_len or images + new_images > layout.max_images):
+        break  # it fits an empty row whole (or its images do not fit here): next row
       take = min(rest, room)
-      segments.append(self._document[self._used:self._used + take])
+      if layout.cuttable:
+        segments.append(layout.piece(self._document, self._used, self._used + take))
+      else:
+        segments.append(self._document)  # never cut: problem() dropped any longer than L
       self._used += take
       room -= take
+      images += new_images
       consecutive = 0
-      if self._used == len(self._document):
+      if self._used == layout.length(self._document):
         self._document = None
-    return packed_row(segments, self._seq_len, self._pad_id, skipped)
+    return layout.row(segments, skipped)
 
   def get_state(self) -> dict[str, Any]:
     if self._document is not None:
@@ -127,8 +199,28 @@ class _PackedRowIterator(grain.DatasetIterator):
     self._used_on_restore = int(state['used'])
 
 
-class PackedRowIterDataset(grain.IterDataset):
-  """Rows of `seq_len` tokens packed from the parent's `int32 (n,)` documents.
+class PackedIterDataset(grain.IterDataset):
+  """Rows of `layout` packed from the parent's elements (module docstring).
+
+  The parent may also yield `Unreadable` records, which are dropped and counted in
+  `skipped` like elements with a `layout.problem`; `max_consecutive` dropped or empty
+  elements in a row raise RuntimeError.
+  """
+
+  def __init__(self, parent: grain.IterDataset, layout: RowLayout, max_consecutive: int):
+    super().__init__(parent)
+    self._layout = layout
+    self._max_consecutive = max_consecutive
+
+  def __iter__(self) -> _PackedRowIterator:
+    return _PackedRowIterator(self._parent.__iter__(), self._layout, self._max_consecutive)
+
+  def __str__(self) -> str:
+    return f'PackedIterDataset({type(self._layout).__name__}, seq_len={self._layout.seq_len})'
+
+
+class PackedRowIterDataset(PackedIterDataset):
+  """Rows of `seq_len` tokens packed from the parent's `int32 (n,)` documents (`TextRows`).
 
   The parent may also yield `Unreadable` records, which are dropped and counted in
   `skipped`; `max_consecutive` unreadable or empty documents in a row raise RuntimeError.
@@ -136,17 +228,7 @@ class PackedRowIterDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int,
                max_consecutive: int):
-    super().__init__(parent)
-    self._seq_len = seq_len
-    self._pad_id = pad_id
-    self._max_consecutive = max_consecutive
-
-  def __iter__(self) -> _PackedRowIterator:
-    return _PackedRowIterator(self._parent.__iter__(), self._seq_len, self._pad_id,
-                              self._max_consecutive)
-
-  def __str__(self) -> str:
-    return f'PackedRowIterDataset(seq_len={self._seq_len})'
+    super().__init__(parent, TextRows(seq_len, pad_id), max_consecutive)
 
 
 def pack_documents(documents: Sequence[Sequence[int]], seq_len: int,

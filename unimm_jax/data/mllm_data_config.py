@@ -1,0 +1,107 @@
+"""The `data` block of an MLLM (unified model) run config: fields, defaults, checks.
+
+    source                'scenes'  'scenes' (built-in procedural scenes,
+                                    scene_conversations.SceneConversations) | 'jsonl'
+    path                  ''        jsonl: a glob, comma-separated globs, or a list of
+                                    conversation files (one record per line, mllm_data.py)
+    image_root            ''        jsonl: directory of relative image paths; '' = each
+                                    JSONL file's own directory
+    eval_path             ''        jsonl eval files, as `path`; '' holds out every
+                                    `mllm_data.HOLDOUT_STRIDE`-th record of each kind
+    tokenizer             'byte'    'byte', 'scene_words' or an HF tokenizer directory
+    seq_len               1024      tokens per packed row (L)
+    images_per_row        4         images a packed row holds (P)
+    image_size            64        scenes: side in px of the rendered images
+    shuffle_seed          0         seeds the record order and the kind mixture, < 2**32
+    understanding_weight  1.0       the understanding : generation mixture of the train
+    generation_weight     1.0       stream (0 leaves a kind out; Tables 5-6 vary it)
+    num_train_examples    100000    scenes: examples per kind in the train split
+    num_eval_examples     256       scenes: examples per kind in the eval split
+    scene_seed            0         scenes: seeds the questions asked about each scene
+    num_workers           0         grain worker processes; 0 reads in the main process
+    worker_buffer_size    2         batches each worker prepares ahead
+
+`validate_mllm_data_config` fails before anything is built or compiled, naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+MLLM_SOURCES = ('scenes', 'jsonl')
+BUILTIN_TOKENIZERS = ('byte', 'scene_words')
+# SceneConversations' split sizes (scenes.SPLITS), checked here without importing scenes.
+_SCENE_SPLIT_SIZES = {'num_train_examples': 1_000_000, 'num_eval_examples': 10_000}
+
+
+def default_mllm_data_config() -> ml_collections.ConfigDict:
+  """A fresh MLLM `data` ConfigDict with every field at its default (module docstring)."""
+  return ml_collections.ConfigDict({
+      'source': 'scenes',
+      'path': '',
+      'image_root': '',
+      'eval_path': '',
+      'tokenizer': 'byte',
+      'seq_len': 1024,
+      'images_per_row': 4,
+      'image_size': 64,
+      'shuffle_seed': 0,
+      'understanding_weight': 1.0,
+      'generation_weight': 1.0,
+      'num_train_examples': 100_000,
+      'num_eval_examples': 256,
+      'scene_seed': 0,
+      'num_workers': 0,
+      'worker_buffer_size': 2,
+  })
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_mllm_data_config(data_config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first missing or invalid field of `data_config`."""
+  missing = sorted(set(default_mllm_data_config()) - set(data_config))
+  if missing:
+    raise ValueError(f'data_config is missing field(s) {missing}')
+  if data_config.source not in MLLM_SOURCES:
+    raise ValueError(f'data_config.source must be one of {MLLM_SOURCES}, got '
+                     f'{data_config.source!r}')
+  for field, minimum in (('seq_len', 8), ('images_per_row', 1), ('image_size', 1),
+                         ('shuffle_seed', 0), ('num_train_examples', 1),
+                         ('num_eval_examples', 1), ('scene_seed', 0), ('num_workers', 0),
+                         ('worker_buffer_size', 1)):
+    value = data_config[field]
+    if not _is_int(value) or value < minimum:
+      raise ValueError(f'data_config.{field} must be an int >= {minimum}, got {value!r}')
+  if data_config.shuffle_seed >= 2**32:  # grain's shuffle takes a uint32 seed
+    raise ValueError(f'data_config.shuffle_seed must be < 2**32, got {data_config.shuffle_seed}')
+  for field in ('understanding_weight', 'generation_weight'):
+    value = data_config[field]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+      raise ValueError(f'data_config.{field} must be a number >= 0, got {value!r}')
+  if not data_config.understanding_weight + data_config.generation_weight > 0:
+    raise ValueError('data_config.understanding_weight and data_config.generation_weight '
+                     'are both 0: the train stream would be empty')
+  if data_config.source == 'scenes':
+    for field in ('path', 'image_root', 'eval_path'):
+      if data_config[field]:
+        raise ValueError(f"data_config.{field} must be empty for source 'scenes', got "
+                         f'{data_config[field]!r}')
+    for field, size in _SCENE_SPLIT_SIZES.items():
+      if data_config[field] > size:
+        raise ValueError(f'data_config.{field} must be <= {size} (the scenes split size), '
+                         f'got {data_config[field]}')
+  else:
+    # An empty path passes here, so that a config for real data (configs/unitoken.py:paper)
+    # can be planned before the data exists; reading the data refuses it.
+    if data_config.image_root and not os.path.isdir(data_config.image_root):
+      raise ValueError(f'data_config.image_root {data_config.image_root!r} is not a directory')
+  spec = data_config.tokenizer
+  # '' is "not chosen yet" (the checkpoint's tokenizer of a paper config); loading refuses it.
+  if spec and spec not in BUILTIN_TOKENIZERS and not (isinstance(spec, str) and os.path.isdir(spec)):
+    raise ValueError(f'data_config.tokenizer must be one of {BUILTIN_TOKENIZERS} or a '
+                     f'directory holding an HF tokenizer.json, got {spec!r}')
