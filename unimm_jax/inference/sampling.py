@@ -1,9 +1,9 @@
 """Token sampling and KV-cached generation for `unimm_jax.models.llm.LLM`.
 
-Generation prefills the prompt into a `KVCache`, samples the first new token from the last
-prompt position, then runs one jitted `jax.lax.while_loop` that feeds each sampled token
-back (one decode step per token) until `max_new_tokens` tokens exist or every row has
-produced an EOS. Prompts are LEFT-padded (`attention_mask` 0 on the left): every row then
+Generation runs the shared loop of `unimm_jax.inference.generation_loop`: it prefills the
+prompt into a `KVCache`, samples the first new token from the last prompt position, then
+feeds each sampled token back (one decode step per token) until `max_new_tokens` tokens
+exist or every row has produced an EOS. Prompts are LEFT-padded (`attention_mask` 0 on the left): every row then
 ends at the same slot, and RoPE positions count only real tokens, as in transformers.
 
 Logit processing order (transformers' order): CFG combination, temperature, top-k, top-p,
@@ -18,6 +18,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from unimm_jax.inference import generation_loop
 from unimm_jax.models import llm
 
 
@@ -86,13 +87,6 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float =
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _run(module: llm.LLM, input_ids: jax.Array, attention_mask: jax.Array,
-         cache: llm.KVCache) -> tuple[jax.Array, llm.KVCache]:
-  """Writes the tokens into the cache; returns the last position's logits (b, vocab)."""
-  hidden, cache = module.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
-  return module.logits(hidden[:, -1:])[:, 0], cache
-
-
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
                                              'top_p'))
 def _generate(model: llm.LLM, params, prompts, rng, eos_ids: jax.Array, pad_id: jax.Array,
@@ -100,45 +94,22 @@ def _generate(model: llm.LLM, params, prompts, rng, eos_ids: jax.Array, pad_id: 
               top_k: int | None, top_p: float | None) -> jax.Array:
   """prompts: ((ids, mask),) or, with CFG, (conditional, unconditional), each its own cache.
 
-  eos_ids (n,), pad_id () and cfg_scale () (read only with two prompts) are traced.
+  eos_ids (n,), pad_id () and cfg_scale () (read only with two prompts) are traced. Runs
+  `generation_loop.run` with a step that samples text from the (combined) logits.
   """
-  variables = {'params': params}
-  batch = prompts[0][0].shape[0]
+  streams = [(generation_loop.embed_ids(model, params, ids), mask) for ids, mask in prompts]
 
-  def step_all(tokens_and_masks, caches):
-    outs = [model.apply(variables, ids, mask, cache, method=_run)
-            for (ids, mask), cache in zip(tokens_and_masks, caches)]
-    logits = [o[0] for o in outs]
+  def step_fn(hidden, state, step_rng, step):
+    del step
+    logits = [generation_loop.logits(model, params, h) for h in hidden]
     combined = logits[0] if len(logits) == 1 else cfg_combine(logits[0], logits[1], cfg_scale)
-    return combined, [o[1] for o in outs]
+    token = sample_logits(combined, step_rng, temperature, top_k, top_p)
+    done = jnp.any(token[:, None] == eos_ids[None, :], axis=1)
+    return token, generation_loop.embed_ids(model, params, token[:, None])[:, 0], state, done
 
-  def is_eos(tokens):
-    return jnp.any(tokens[:, None] == eos_ids[None, :], axis=1)
-
-  # Decoding feeds max_new_tokens - 1 tokens after the prompt.
-  caches = [llm.init_cache(model.config, batch, ids.shape[1] + max_new_tokens - 1)
-            for ids, _ in prompts]
-  logits, caches = step_all(prompts, caches)
-  first = sample_logits(logits, jax.random.fold_in(rng, 0), temperature, top_k, top_p)
-  out = jnp.full((batch, max_new_tokens), pad_id).at[:, 0].set(first)
-
-  def cond(state):
-    step, _, _, _, done = state
-    return (step < max_new_tokens) & ~jnp.all(done)
-
-  def body(state):
-    step, caches, last, out, done = state
-    # Finished rows keep decoding their own samples (pad_id need not be a vocabulary id);
-    # only what is written to `out` is replaced.
-    feed = last[:, None]
-    ones = jnp.ones_like(feed, bool)
-    logits, caches = step_all([(feed, ones)] * len(caches), caches)
-    token = sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
-    out = jax.lax.dynamic_update_slice(out, jnp.where(done, pad_id, token)[:, None], (0, step))
-    return step + 1, caches, token, out, done | is_eos(token)
-
-  state = (jnp.ones((), jnp.int32), caches, first, out, is_eos(first))
-  return jax.lax.while_loop(cond, body, state)[3]
+  outputs, _ = generation_loop.run(model, params, streams, step_fn, (), rng,
+                                   max_new=max_new_tokens, pad_id=pad_id)
+  return outputs
 
 
 def _prepare(input_ids, attention_mask, name: str):

@@ -35,6 +35,7 @@ import numpy as np
 from unimm_jax.nn import initializers
 from unimm_jax.nn import kv_cache
 from unimm_jax.nn import masks
+from unimm_jax.nn.dtypes import compute_dtype
 from unimm_jax.nn.attention import MultiHeadAttention
 from unimm_jax.nn.kv_cache import CACHE_AXES, KVCache
 from unimm_jax.nn.mlp import SwiGLU
@@ -64,6 +65,8 @@ class LLMConfig:
   remat: recompute each layer's activations in the backward pass.
   attention_impl: `jax.nn.dot_product_attention`'s implementation: 'xla' (every backend),
     'cudnn' (fused kernel on NVIDIA GPUs) or None (JAX chooses).
+  dropout_rate: dropout on each sublayer's output before it joins the residual stream
+    (Chameleon's `dropout`); active only when `apply` gets a 'dropout' rng.
   """
   vocab_size: int
   hidden_size: int
@@ -88,6 +91,7 @@ class LLMConfig:
   scan_layers: bool = False
   remat: bool = False
   attention_impl: str | None = 'xla'
+  dropout_rate: float = 0.0
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -100,6 +104,8 @@ class LLMConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
                        f'num_kv_heads={self.num_kv_heads}')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f'dropout_rate={self.dropout_rate} must be in [0, 1)')
     if self.qk_norm not in QK_NORMS:
       raise ValueError(f'qk_norm={self.qk_norm!r} is not one of {QK_NORMS}')
     object.__setattr__(self, 'suppressed_token_ids', tuple(self.suppressed_token_ids))
@@ -107,6 +113,31 @@ class LLMConfig:
     if bad:
       raise ValueError(f'suppressed_token_ids {bad[:5]} are outside the vocabulary '
                        f'(vocab_size={self.vocab_size})')
+
+
+def config_from_fields(model, vocab_size: int = 0) -> LLMConfig:
+  """LLMConfig from a config's `model` fields (configs/lm.py); vocab_size 0 there takes
+  `vocab_size` (the tokenizer's)."""
+  return LLMConfig(
+      vocab_size=model.vocab_size or vocab_size,
+      hidden_size=model.hidden_size,
+      intermediate_size=model.intermediate_size,
+      num_layers=model.num_layers,
+      num_heads=model.num_heads,
+      num_kv_heads=model.num_kv_heads,
+      head_dim=model.head_dim or None,
+      rope_theta=model.rope_theta,
+      rms_norm_eps=model.rms_norm_eps,
+      qkv_bias=model.qkv_bias,
+      qk_norm=model.qk_norm or None,
+      swin_norm=model.get('swin_norm', False),
+      tie_word_embeddings=model.tie_word_embeddings,
+      dtype=compute_dtype(model.dtype, 'config.model.dtype'),
+      scan_layers=model.scan_layers,
+      remat=model.remat,
+      attention_impl=model.attention_impl,
+      dropout_rate=model.get('dropout_rate', 0.0),
+  )
 
 
 def init_cache(config: LLMConfig, batch_size: int, max_length: int) -> KVCache:
@@ -159,6 +190,9 @@ class DecoderLayer(nn.Module):
                  kernel_stddev=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype,
                  name='mlp')
 
+    # Training passes a 'dropout' rng; inference and evaluation do not.
+    dropout = nn.Dropout(c.dropout_rate, deterministic=not self.has_rng('dropout'))
+
     def attend(h):
       if cache is None:
         return attention(h, angles=angles, mask=mask), None
@@ -166,12 +200,12 @@ class DecoderLayer(nn.Module):
 
     if c.swin_norm:
       attended, cache = attend(x)
-      h = x + norm1(attended)
-      out = h + norm2(mlp(h))
+      h = x + dropout(norm1(attended))
+      out = h + dropout(norm2(mlp(h)))
     else:
       attended, cache = attend(norm1(x))
-      h = x + attended
-      out = h + mlp(norm2(h))
+      h = x + dropout(attended)
+      out = h + dropout(mlp(norm2(h)))
     return (nn.with_logical_constraint(out, ('batch', 'length', 'embed')), cache), None
 
 
@@ -190,7 +224,8 @@ class LLM(nn.Module):
         embedding_init=initializers.normal(c.initializer_range, 'vocab', 'embed'))
     layer_cls = nn.remat(DecoderLayer, prevent_cse=not c.scan_layers) if c.remat else DecoderLayer
     if c.scan_layers:
-      self.layers = nn.scan(layer_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+      self.layers = nn.scan(layer_cls, variable_axes={'params': 0},
+                            split_rngs={'params': True, 'dropout': True},
                             in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
                             metadata_params={nn.PARTITION_NAME: 'layers'})(c)
     else:

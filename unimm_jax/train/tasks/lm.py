@@ -21,35 +21,12 @@ from unimm_jax.data import text_tokenizer
 from unimm_jax.inference import restore
 from unimm_jax.inference import text_generation
 from unimm_jax.models import llm
-from unimm_jax.nn.dtypes import compute_dtype
 from unimm_jax.train import evaluators
 from unimm_jax.train import metric_logging
 from unimm_jax.train import optimizers
 from unimm_jax.train.train_state import TrainState, keep_if_finite
 
 BATCH_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
-
-
-def llm_config(model: ml_collections.ConfigDict, vocab_size: int) -> llm.LLMConfig:
-  """LLMConfig from `config.model`; vocab_size 0 there takes the tokenizer's."""
-  return llm.LLMConfig(
-      vocab_size=model.vocab_size or vocab_size,
-      hidden_size=model.hidden_size,
-      intermediate_size=model.intermediate_size,
-      num_layers=model.num_layers,
-      num_heads=model.num_heads,
-      num_kv_heads=model.num_kv_heads,
-      head_dim=model.head_dim or None,
-      rope_theta=model.rope_theta,
-      rms_norm_eps=model.rms_norm_eps,
-      qkv_bias=model.qkv_bias,
-      qk_norm=model.qk_norm or None,
-      tie_word_embeddings=model.tie_word_embeddings,
-      dtype=compute_dtype(model.dtype, "config.model.dtype"),
-      scan_layers=model.scan_layers,
-      remat=model.remat,
-      attention_impl=model.attention_impl,
-  )
 
 
 def token_statistics(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
@@ -69,11 +46,12 @@ class LMTask:
   throughput_unit = "tokens"
   kind = "a language model"
   modes = ("train", "eval", "generate", "plan")
+  generate_flags = ("max_new_tokens", "temperature", "top_k", "top_p", "chat")
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.tokenizer = text_tokenizer.load_tokenizer(config.data.tokenizer)
-    self.model = llm.LLM(llm_config(config.model, self.tokenizer.vocab_size))
+    self.model = llm.LLM(llm.config_from_fields(config.model, self.tokenizer.vocab_size))
     if self.model.config.vocab_size < self.tokenizer.vocab_size:
       raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than "
                        f"the tokenizer's {self.tokenizer.vocab_size} ids")
@@ -175,5 +153,7 @@ class LMTask:
     """`--mode=generate`: the continuation of `prompt` by the latest checkpoint's params
     (see `text_generation.generate_text` for the sampling arguments)."""
     _, params = self._restore_eval_params(context, workdir)
+    if sampling_args.get("temperature") is None:
+      sampling_args["temperature"] = 0.0  # greedy unless asked
     return text_generation.generate_text(self.model, params, self.tokenizer, prompt,
                                          seed=self.config.seed, **sampling_args)

@@ -1,0 +1,98 @@
+"""The one KV-cached generation loop, for text LMs and every unified system.
+
+A generation has one or more *streams* that share a batch and the sampled outputs: the
+conditional prompt, and for classifier-free guidance an unconditional one (any other
+length, its own KV cache). Each stream is prefilled from input embeddings, so a system can
+splice image features into its prompt. Then one `jax.lax.while_loop` asks a `step_fn` for
+the next output from every stream's last hidden state and feeds the embedding it returns
+to every stream:
+
+    step_fn(hidden, state, rng, step) -> (token, next_embeds, state, done)
+      hidden       list over streams of (b, hidden_size) final-normed hidden states
+      state        the caller's pytree (e.g. where a row is inside an image, or latents)
+      rng          a key for this step (the root key folded with the step)
+      step         () int32, the index of the output being produced
+      token        (b,) int32, written to the outputs (finished rows get pad_id instead)
+      next_embeds  (b, hidden_size) what every stream reads next
+      done         (b,) bool, this row has finished (after this output)
+
+The loop stops after `max_new` outputs or when every row is done. The caller owns what a
+token means (a vocabulary id, or an index into a state that holds continuous latents) and
+how logits are formed (CFG, grammar masks, a flow head), so the loop has no branch on a
+model or a system. Prompts are LEFT-padded: every row ends at the same slot, and RoPE
+positions count only real tokens, as transformers numbers a left-padded batch.
+"""
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from unimm_jax.models import llm
+
+StepFn = Callable[[list, Any, jax.Array, jax.Array], tuple]
+
+
+def _prefill(model: llm.LLM, params, embeds: jax.Array, mask: jax.Array,
+             cache: llm.KVCache) -> tuple[jax.Array, llm.KVCache]:
+  """Writes a stream's embeddings into its cache; returns the last hidden state (b, d)."""
+  hidden, cache = model.apply({'params': params}, inputs_embeds=embeds, attention_mask=mask,
+                              cache=cache, method=llm.LLM.hidden_states)
+  return hidden[:, -1], cache
+
+
+def run(model: llm.LLM, params, streams: Sequence[tuple[jax.Array, jax.Array]],
+        step_fn: StepFn, state: Any, rng: jax.Array, *, max_new: int,
+        pad_id: jax.Array | int = 0) -> tuple[jax.Array, Any]:
+  """Generates up to `max_new` outputs per row (trace it inside `jax.jit`).
+
+  Args:
+    model, params: the LLM and its 'params' collection.
+    streams: per stream (embeds (b, s_i, d), attention_mask (b, s_i) bool), LEFT-padded;
+      the first stream is the conditional one.
+    step_fn: see the module docstring.
+    state: step_fn's initial state.
+    rng: root key; step i uses `fold_in(rng, i)`.
+    max_new: outputs per row (static).
+    pad_id: written in place of outputs after a row is done.
+  Returns:
+    (outputs (b, max_new) int32, final state).
+  """
+  batch = streams[0][0].shape[0]
+  # The last output is never fed back, so the caches need max_new - 1 slots after the prompt.
+  caches = [llm.init_cache(model.config, batch, embeds.shape[1] + max_new - 1)
+            for embeds, _ in streams]
+  prefilled = [_prefill(model, params, embeds, mask, cache)
+               for (embeds, mask), cache in zip(streams, caches)]
+  hidden, caches = [h for h, _ in prefilled], [c for _, c in prefilled]
+  token, embeds, state, done = step_fn(hidden, state, jax.random.fold_in(rng, 0),
+                                       jnp.zeros((), jnp.int32))
+  outputs = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(token)
+  ones = jnp.ones((batch, 1), bool)
+
+  def cond(carry):
+    step, _, _, _, _, done = carry
+    return (step < max_new) & ~jnp.all(done)
+
+  def body(carry):
+    step, caches, embeds, state, outputs, done = carry
+    fed = [_prefill(model, params, embeds[:, None], ones, cache) for cache in caches]
+    hidden, caches = [h for h, _ in fed], [c for _, c in fed]
+    token, embeds, state, now_done = step_fn(hidden, state, jax.random.fold_in(rng, step), step)
+    # Finished rows keep decoding their own samples; only what is written is replaced.
+    written = jnp.where(done, jnp.asarray(pad_id, jnp.int32), token)
+    outputs = jax.lax.dynamic_update_slice(outputs, written[:, None], (0, step))
+    return step + 1, caches, embeds, state, outputs, done | now_done
+
+  carry = (jnp.ones((), jnp.int32), caches, embeds, state, outputs, done)
+  _, _, _, state, outputs, _ = jax.lax.while_loop(cond, body, carry)
+  return outputs, state
+
+
+def embed_ids(model: llm.LLM, params, ids: jax.Array) -> jax.Array:
+  """(b, s) token ids -> (b, s, d) input embeddings of the LLM."""
+  return model.apply({'params': params}, ids, method=llm.LLM.embed)
+
+
+def logits(model: llm.LLM, params, hidden: jax.Array) -> jax.Array:
+  """(b, d) hidden states -> (b, vocab) float32 logits of the LM head."""
+  return model.apply({'params': params}, hidden[:, None], method=llm.LLM.logits)[:, 0]
