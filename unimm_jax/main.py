@@ -1,10 +1,15 @@
-r"""Entry point: train a config, encode/decode images with a tokenizer, generate text with an LM.
+r"""Entry point: train a config; encode/decode images with a tokenizer; generate text with an LM;
+chat about an image and generate images with a unified MLLM.
 
   python -m unimm_jax.main --config=configs/uniwetok.py:demo --workdir=/tmp/run
   python -m unimm_jax.main --mode=eval --workdir=/tmp/run
   python -m unimm_jax.main --mode=encode --workdir=/tmp/run --input=photos/ --output=codes.npz
   python -m unimm_jax.main --mode=decode --workdir=/tmp/run --input=codes.npz --output=out/
   python -m unimm_jax.main --mode=generate --workdir=/tmp/lm --prompt="The assert statement"
+  python -m unimm_jax.main --mode=chat --workdir=/tmp/mllm --image=scene.png \
+      --prompt="What colour is the circle?"
+  python -m unimm_jax.main --mode=generate --workdir=/tmp/mllm --prompt="a red circle on the \
+      left" --output=/tmp/images --num_images=4 --cfg_scale=3
   python -m unimm_jax.main --mode=import --config=configs/uniwetok.py:paper \
       --input=uniwetok.safetensors --workdir=/tmp/authors
   python -m unimm_jax.main --mode=plan --config=configs/lm.py:qwen2_5_7b \
@@ -38,19 +43,27 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs "
                                "(not needed by --mode=plan).")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "encode", "decode", "generate", "plan", "import"],
+                          ["train", "eval", "encode", "decode", "generate", "chat", "plan",
+                           "import"],
                           "What to run; each task supports some (README). plan: compile the "
                           "train step for config.mesh on fake CPU devices and print "
                           "parameters, FLOPs and per-device memory. import: write step 0 of a "
                           "new workdir from the authors' released weights (--input).")
 _INPUT = flags.DEFINE_string("input", None, "encode: image folder; decode: .npz of codes; "
                              "import: the authors' weights (a tokenizer: safetensors).")
-_OUTPUT = flags.DEFINE_string("output", None, "encode: .npz to write; decode: folder.")
-_PROMPT = flags.DEFINE_string("prompt", None, "generate: the text to continue.")
+_OUTPUT = flags.DEFINE_string("output", None, "encode: .npz to write; decode, and generate "
+                              "with an MLLM: folder for the PNGs.")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: the text to continue (an LM) or the "
+                              "image to draw (an MLLM); chat: the question.")
+_IMAGE = flags.DEFINE_string("image", None, "chat: the image the question is about.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "generate (an MLLM): images to draw.")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "generate (an MLLM): classifier-free "
+                                "guidance scale; default config.generation.cfg_scale.")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: wrap the prompt as a user turn of the "
                           "tokenizer's chat template.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "generate: tokens to add.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "generate: 0 is greedy; default 0 for "
+                                  "text, config.generation.temperature for images.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "generate: sample among the k most likely.")
 _TOP_P = flags.DEFINE_float("top_p", None, "generate: nucleus sampling mass.")
 _PLAN_DEVICES = flags.DEFINE_integer(
@@ -106,11 +119,25 @@ def _decode(config, workdir: str) -> None:
                                              _OUTPUT.value))
 
 
+# The flags each kind of `generate` reads (a task names its kind in `generate_flags`).
+_GENERATE_FLAGS = {"max_new_tokens": _MAX_NEW_TOKENS, "temperature": _TEMPERATURE,
+                   "top_k": _TOP_K, "top_p": _TOP_P, "chat": _CHAT, "output": _OUTPUT,
+                   "num_images": _NUM_IMAGES, "cfg_scale": _CFG_SCALE}
+
+
 def _generate(config, workdir: str) -> None:
-  print(tasks.build_task(config).generate(
-      _context(config), workdir, _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-      chat=_CHAT.value))
+  task = tasks.build_task(config)
+  options = {name: _GENERATE_FLAGS[name].value for name in task.generate_flags}
+  ignored = sorted(name for name in _GENERATE_FLAGS
+                   if name not in task.generate_flags and flags.FLAGS[name].present)
+  if ignored:
+    raise app.UsageError(f"--mode=generate of {task.kind} does not read "
+                         f"{', '.join('--' + n for n in ignored)}")
+  print(task.generate(_context(config), workdir, _PROMPT.value, **options))
+
+
+def _chat(config, workdir: str) -> None:
+  print(tasks.build_task(config).chat(_context(config), workdir, _IMAGE.value, _PROMPT.value))
 
 
 def _import(config, workdir: str) -> None:
@@ -130,7 +157,8 @@ MODES = {
     "eval": Mode(_eval, "evaluation of a checkpoint"),
     "encode": Mode(_encode, "image codes", ("input", "output")),
     "decode": Mode(_decode, "image codes", ("input", "output")),
-    "generate": Mode(_generate, "text generation", ("prompt",)),
+    "generate": Mode(_generate, "generation", ("prompt",)),
+    "chat": Mode(_chat, "chat about images", ("prompt",)),
     "import": Mode(_import, "importer of released weights", ("input",), reads_run=False),
     "plan": Mode(_plan, "plan", reads_run=False),
 }

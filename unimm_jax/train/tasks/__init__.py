@@ -7,9 +7,10 @@ the modes' in `unimm_jax.main`.
 import ml_collections
 
 from unimm_jax.train.tasks.lm import LMTask
+from unimm_jax.train.tasks.mllm import MLLMTask
 from unimm_jax.train.tasks.tokenizer import TokenizerTask
 
-TASKS = {"tokenizer": TokenizerTask, "lm": LMTask}
+TASKS = {"tokenizer": TokenizerTask, "lm": LMTask, "mllm": MLLMTask}
 
 
 def task_class(config: ml_collections.ConfigDict) -> type:

@@ -1,0 +1,188 @@
+"""Evaluation and inference modes of the MLLM task (`unimm_jax.train.tasks.mllm`).
+
+Held-out loss and perplexity over packed eval batches; when the eval data carries answers
+and generation checks (the built-in scenes, `unimm_jax.data.scenes`), also
+  answer accuracy  greedy answers to held-out questions, per question type, with chance;
+  generation check the rate of generated images that satisfy their prompt
+                   (`unimm_jax.evals.scene_checks.check_generated_image`);
+and a grid of generated images (TensorBoard and WORKDIR/generations/step_*.png).
+`--mode=chat` and `--mode=generate` restore only the eval params.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+
+from unimm_jax.data import mllm_data
+from unimm_jax.evals import scene_checks
+from unimm_jax.inference import image_io
+from unimm_jax.inference import mllm_inference
+from unimm_jax.inference import restore
+from unimm_jax.train import metric_logging
+
+
+def _rounded(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple if n else 0
+
+
+def generation_grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
+  """(n, H, W, 3) in [-1, 1] -> one uint8 grid image, `columns` wide, 2-px gaps."""
+  n, h, w, _ = images.shape
+  rows = -(-n // columns)
+  grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
+  for i, image in enumerate(image_io.to_uint8(images)):
+    r, c = divmod(i, columns)
+    grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = image
+  return grid
+
+
+class MLLMEvaluator:
+  """The MLLM's periodic evaluation (see the module docstring); trainer interface as
+  `unimm_jax.train.evaluators`."""
+  metric_name = "answer accuracy / generation check"
+
+  def __init__(self, task, context, writer, workdir: str):
+    self.task, self.context, self.writer, self.workdir = task, context, writer, workdir
+    config, system = task.config, task.system
+    shards = context.batch_shards
+    self.frozen = jax.device_put(task.load_frozen(), context.replicated)
+    batch_size = _rounded(config.eval.batch_size, shards)
+    host_batches = list(mllm_data.build_mllm_eval_batches(
+        config.data, task.tokenizer, system.ids, system.image_slots, batch_size=batch_size,
+        max_batches=config.eval.num_batches))
+    self.batches = [context.place_batch(b, host_local=False) for b in host_batches]
+    self.num_tokens = int(sum(b["loss_mask"].sum() for b in host_batches))
+    self.statistics = jax.jit(task.statistics, out_shardings=context.replicated)
+    self.questions = mllm_data.eval_records(config.data, "understanding",
+                                            _rounded(config.eval.num_answers, shards))
+    self.prompts = mllm_data.eval_records(config.data, "generation",
+                                          _rounded(config.eval.num_generations, shards))
+    self.runner = mllm_inference.MLLMRunner(
+        system, task.tokenizer, max_answer_tokens=config.eval.max_answer_tokens,
+        place=lambda batch: context.place_batch(batch, host_local=False))
+    self._step, self._scalars, self.answers, self.images = None, None, [], None
+
+  def _loss(self, params) -> dict[str, float]:
+    totals = {}
+    for batch in self.batches:
+      for name, value in jax.device_get(self.statistics(params, self.frozen, batch)).items():
+        totals[name] = totals.get(name, 0.0) + float(value)
+    loss = totals["ce_sum"] / max(totals["tokens"], 1.0)
+    return {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)),
+            "eval/image_ce": totals["image_ce_sum"] / max(totals["image_tokens"], 1.0)}
+
+  def _compute(self, params) -> dict[str, float]:
+    gen = self.task.config.generation
+    scalars = self._loss(params) if self.batches else {}
+    if self.questions:
+      self.answers = self.runner.answer(params, self.frozen, self.questions)
+      metas = [r["meta"] for r in self.questions]
+      scalars.update({f"eval/{k}": v for k, v in scene_checks.answer_accuracy(
+          self.answers, [m["answer"] for m in metas], [m["question_type"] for m in metas]
+      ).items()})
+    if self.prompts:
+      self.images = self.runner.generate(
+          params, self.frozen, [mllm_data.prompt_text(r) for r in self.prompts],
+          cfg_scale=gen.cfg_scale, temperature=gen.temperature, top_k=gen.top_k or None,
+          seed=self.task.config.seed)
+      checks = [scene_checks.check_generated_image(image, r["meta"]["check"])
+                for image, r in zip(self.images, self.prompts)]
+      scalars["eval/generation_check"] = float(np.mean(checks))
+    return scalars
+
+  def evaluate(self, params, step: int) -> dict[str, float]:
+    if self._step != step:
+      with self.context.activate():
+        self._scalars = self._compute(params)
+      self.writer.write_scalars(step, self._scalars)
+      self._step = step
+    return self._scalars
+
+  def write_samples(self, params, step: int) -> None:
+    self.evaluate(params, step)
+    if self.images is not None:
+      grid = generation_grid(self.images[:self.task.config.train.grid_images])
+      self.writer.write_images(step, {"generations": grid[None]})
+    text = "\n".join(f"Q: {mllm_data.prompt_text(r)}  A: {a}  (want {r['meta']['answer']})"
+                     for r, a in zip(self.questions[:8], self.answers[:8]))
+    if text:
+      self.writer.write_texts(step, {"answers": text})
+    if jax.process_index() == 0:
+      if self.images is not None:
+        image_io.save_png(os.path.join(self.workdir, "generations", f"step_{step:07d}.png"),
+                          grid)
+      os.makedirs(os.path.join(self.workdir, "answers"), exist_ok=True)
+      with open(os.path.join(self.workdir, "answers", f"step_{step:07d}.txt"), "w") as f:
+        f.write(text + "\n")
+
+  def headline(self, scalars: dict[str, float]) -> str:
+    parts = []
+    if "eval/accuracy/all" in scalars:
+      parts.append(f"answers {scalars['eval/accuracy/all']:.3f} "
+                   f"(chance {scalars['eval/chance/all']:.3f})")
+    if "eval/generation_check" in scalars:
+      parts.append(f"generation check {scalars['eval/generation_check']:.3f}")
+    if "eval/loss" in scalars:
+      parts.append(f"loss {scalars['eval/loss']:.4f}")
+    return ", ".join(parts)
+
+  @property
+  def description(self) -> str:
+    return (f"{len(self.questions)} held-out questions, {len(self.prompts)} generation "
+            f"prompts, {self.num_tokens} target tokens")
+
+
+def _restore(task, context, workdir: str):
+  boxed = jax.eval_shape(task.init_params, jax.random.key(0))
+  return restore.restore_eval_params(workdir, boxed, context)
+
+
+def evaluate_checkpoint(task, context, workdir: str) -> dict:
+  """`--mode=eval`: the evaluator's scalars for the latest checkpoint, written to
+  WORKDIR/eval_STEP.json and TensorBoard."""
+  step, params = _restore(task, context, workdir)
+  writer = metric_logging.create_writer(workdir)
+  evaluator = MLLMEvaluator(task, context, writer, workdir)
+  scalars = evaluator.evaluate(params, step)
+  evaluator.write_samples(params, step)
+  writer.close()
+  results = {"step": step, **{k.removeprefix("eval/"): v for k, v in scalars.items()}}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+      json.dump(results, f, indent=1)
+  print(f"eval of step {step}: {evaluator.headline(scalars)} ({evaluator.description})")
+  return results
+
+
+def chat(task, context, workdir: str, image_path: str | None, prompt: str) -> str:
+  """`--mode=chat`: the greedy answer to `prompt` about the image at `image_path`."""
+  _, params = _restore(task, context, workdir)
+  content = [{"type": "text", "text": prompt}]
+  if image_path:
+    content.insert(0, {"type": "image", "path": os.path.abspath(image_path)})
+  record = {"kind": "understanding", "meta": {},
+            "messages": [{"role": "user", "content": content}]}
+  runner = mllm_inference.MLLMRunner(task.system, task.tokenizer,
+                                     max_answer_tokens=task.config.eval.max_answer_tokens)
+  with context.activate():
+    return runner.answer(params, task.load_frozen(), [record])[0]
+
+
+def generate_to_folder(task, context, workdir: str, prompt: str, *, output: str,
+                       num_images: int = 4, cfg_scale: float | None = None,
+                       temperature: float | None = None, top_k: int | None = None,
+                       seed: int = 0) -> str:
+  """`--mode=generate`: `num_images` images for `prompt` as PNGs in `output`."""
+  gen = task.config.generation
+  _, params = _restore(task, context, workdir)
+  runner = mllm_inference.MLLMRunner(task.system, task.tokenizer)
+  with context.activate():
+    images = runner.generate(params, task.load_frozen(), [prompt] * num_images,
+                             cfg_scale=gen.cfg_scale if cfg_scale is None else cfg_scale,
+                             temperature=gen.temperature if temperature is None else temperature,
+                             top_k=(gen.top_k or None) if top_k is None else top_k, seed=seed)
+  os.makedirs(output, exist_ok=True)
+  for i, image in enumerate(images):
+    image_io.save_png(os.path.join(output, f"image_{i:03d}.png"), image_io.to_uint8(image))
+  return f"wrote {len(images)} images for {prompt!r} to {output}"
