@@ -1,21 +1,54 @@
 #!/usr/bin/env bash
-# The README demo: trains the demo UniWeTok on scikit-image's photos (about 10 minutes on
-# 2 CPU cores), prints the held-out PSNR at the start and the end, then encodes and decodes
-# the held-out photos through the trained tokenizer.
-# Usage: bash launch/demo.sh [WORKDIR] [extra --config.* overrides]
+# The README demo.
+#   bash launch/demo.sh [unified] [WORKDIR] [extra --config.* overrides for the MLLM]
+#     The unified demo (about 20 minutes on 2 CPU cores): trains the demo VQ tokenizer
+#     (configs/chameleon_vqgan.py:demo) on built-in procedural scenes, then the demo UniToken
+#     MLLM (configs/unitoken.py:demo) on questions, captions and text-to-image prompts about
+#     such scenes; prints held-out answer accuracy (per question type, with chance) and the
+#     rate of generated images that satisfy their prompt, answers a question with
+#     --mode=chat and writes images with --mode=generate.
+#   bash launch/demo.sh uniwetok [WORKDIR] [extra --config.* overrides]
+#     The UniWeTok tokenizer demo (about 10 minutes): trains on scikit-image's photos, prints
+#     held-out PSNR at the start and end, then encodes and decodes the held-out photos.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+DEMO="unified"
+if [[ "${1:-}" == "uniwetok" || "${1:-}" == "unified" ]]; then
+  DEMO="$1"
+  shift
+fi
 source launch/setup_env.sh ""  # no extras (and not this script's own arguments)
+export TF_CPP_MIN_LOG_LEVEL=2
+
+if [[ "$DEMO" == "uniwetok" ]]; then
+  WORKDIR="${1:-$REPO/workdir_demo_uniwetok}"
+  shift || true
+  python -m unimm_jax.main --config=configs/uniwetok.py:demo --workdir="$WORKDIR" \
+      --config.train.steps=500 "$@"
+  python -m unimm_jax.data.export_builtin --output="$WORKDIR/heldout_photos" --names=eval
+  python -m unimm_jax.main --mode=encode --workdir="$WORKDIR" \
+      --input="$WORKDIR/heldout_photos" --output="$WORKDIR/heldout_codes.npz"
+  python -m unimm_jax.main --mode=decode --workdir="$WORKDIR" \
+      --input="$WORKDIR/heldout_codes.npz" --output="$WORKDIR/heldout_decoded"
+  echo "TensorBoard logs, reconstructions/*.png and checkpoints/ are in $WORKDIR"
+  echo "  tensorboard --logdir $WORKDIR"
+  exit 0
+fi
+
 WORKDIR="${1:-$REPO/workdir_demo}"
 shift || true
-export TF_CPP_MIN_LOG_LEVEL=2
-python -m unimm_jax.main --config=configs/uniwetok.py:demo --workdir="$WORKDIR" \
-    --config.train.steps=500 "$@"
-python -m unimm_jax.data.export_builtin --output="$WORKDIR/heldout_photos" --names=eval
-python -m unimm_jax.main --mode=encode --workdir="$WORKDIR" \
-    --input="$WORKDIR/heldout_photos" --output="$WORKDIR/heldout_codes.npz"
-python -m unimm_jax.main --mode=decode --workdir="$WORKDIR" \
-    --input="$WORKDIR/heldout_codes.npz" --output="$WORKDIR/heldout_decoded"
-echo "TensorBoard logs, reconstructions/*.png and checkpoints/ are in $WORKDIR"
-echo "  tensorboard --logdir $WORKDIR"
+mkdir -p "$WORKDIR"
+echo "== 1/3 the demo VQ tokenizer on built-in scenes -> $WORKDIR/vq"
+python -m unimm_jax.main --config=configs/chameleon_vqgan.py:demo --workdir="$WORKDIR/vq"
+echo "== 2/3 the demo UniToken MLLM -> $WORKDIR/mllm"
+python -m unimm_jax.main --config=configs/unitoken.py:demo --workdir="$WORKDIR/mllm" \
+    --config.system.tokenizer_path="$WORKDIR/vq" "$@"
+echo "== 3/3 chat and generate with the trained MLLM"
+python -m unimm_jax.data.scenes --output="$WORKDIR/heldout_scene.png" --split=eval --index=0
+python -m unimm_jax.main --mode=chat --workdir="$WORKDIR/mllm" \
+    --image="$WORKDIR/heldout_scene.png" --prompt="How many objects are there?"
+python -m unimm_jax.main --mode=generate --workdir="$WORKDIR/mllm" \
+    --prompt="a red circle on the left" --output="$WORKDIR/generated" --num_images=8
+echo "Generated grids: $WORKDIR/mllm/generations/*.png and $WORKDIR/generated/*.png;"
+echo "answers: $WORKDIR/mllm/answers/*.txt; TensorBoard: tensorboard --logdir $WORKDIR"

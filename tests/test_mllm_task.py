@@ -72,8 +72,9 @@ def test_chat_and_generate_modes(mllm_run, tmp_path):
                   "--prompt=How many objects are there?", config=None, mode="chat")
   assert chat.stdout.strip()  # a (random) answer, printed
   out = tmp_path / "images"
+  # On 8 devices: the 2 prompts are padded to the mesh's 8 batch shards.
   gen = run_main(workdir, "--prompt=a red circle on the left", f"--output={out}",
-                 "--num_images=2", "--cfg_scale=2", config=None, mode="generate")
+                 "--num_images=2", "--cfg_scale=2", config=None, mode="generate", devices=8)
   assert sorted(os.listdir(out)) == ["image_000.png", "image_001.png"]
   assert np.asarray(Image.open(out / "image_000.png")).shape == (32, 32, 3)
   assert "wrote 2 images" in gen.stdout

@@ -26,14 +26,27 @@ class MLLMRunner:
   """Jitted answer and image generation for one system (see the module docstring)."""
 
   def __init__(self, system, tokenizer, *, max_answer_tokens: int = 32,
-               place=lambda batch: batch):
+               place=lambda batch: batch, batch_multiple: int = 1):
     self.system, self.tokenizer = system, tokenizer
     self.max_answer_tokens = max_answer_tokens
     self.place = place  # host batch -> device batch (e.g. MeshContext.place_batch)
+    self.batch_multiple = batch_multiple  # e.g. a mesh's batch shards
+
+  def _padded(self, items: list) -> list:
+    """`items` repeated at the end up to a multiple of batch_multiple (callers keep the
+    first len(items) results), so any number of prompts splits over the mesh."""
+    missing = -len(items) % self.batch_multiple
+    return list(items) + [items[-1]] * missing
 
   def _collate(self, sequences) -> dict:
-    batch = mllm_sequence.collate_prompts(sequences, images_per_row=1)
+    batch = mllm_sequence.collate_prompts(self._padded(sequences), images_per_row=1)
     return self.place(batch)
+
+  @classmethod
+  def on_mesh(cls, system, tokenizer, context, **kwargs) -> 'MLLMRunner':
+    """A runner whose batches are split over `context`'s mesh (a MeshContext)."""
+    return cls(system, tokenizer, place=lambda b: context.place_batch(b, host_local=False),
+               batch_multiple=context.batch_shards, **kwargs)
 
   @functools.partial(jax.jit, static_argnums=(0,))
   def _answer(self, params, frozen, batch) -> jax.Array:
@@ -52,7 +65,7 @@ class MLLMRunner:
                  for r in records]
     outputs = np.asarray(jax.device_get(self._answer(params, frozen, self._collate(sequences))))
     answers = []
-    for row in outputs:
+    for row in outputs[:len(sequences)]:
       ids = row.tolist()
       ids = ids[:ids.index(self.system.ids.eos)] if self.system.ids.eos in ids else ids
       answers.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
@@ -91,4 +104,4 @@ class MLLMRunner:
     images = self._generate(params, frozen, self._collate(sequences), uncond,
                             jax.random.key(seed), cfg_scale=float(cfg_scale),
                             temperature=float(temperature), top_k=top_k)
-    return np.asarray(jax.device_get(images))
+    return np.asarray(jax.device_get(images))[:len(prompts)]

@@ -41,7 +41,7 @@ from unimm_jax.nn.norms import GroupNorm
 from unimm_jax.quantizers.vector_quantizer import VectorQuantizer
 
 Dtype = Any
-_POSITIVE_FIELDS = ('ch', 'num_res_blocks', 'z_channels', 'embed_dim', 'n_embed')
+_POSITIVE_FIELDS = ('ch', 'z_channels', 'embed_dim', 'n_embed', 'norm_groups')
 
 
 def paper_model_config() -> ml_collections.ConfigDict:
@@ -62,6 +62,9 @@ def paper_model_config() -> ml_collections.ConfigDict:
       dtype='float32',
       remat=False,
       attention_impl='xla',  # jax.nn.dot_product_attention's: 'xla', or 'cudnn' on GPUs
+      # GroupNorm(32, C) as released; narrow CPU configs use fewer groups so that each
+      # holds several channels (one channel per group normalises away its colour).
+      norm_groups=32,
   ))
 
 
@@ -76,6 +79,10 @@ def validate_model_config(config: ml_collections.ConfigDict) -> None:
     value = config[field]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f'config.model.{field}={value!r} must be a positive int')
+  blocks = config.num_res_blocks
+  if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 0:
+    raise ValueError(f'config.model.num_res_blocks={blocks!r} must be an int >= 0 (the '
+                     'encoder has that many ResBlocks per level, the decoder one more)')
   if not config.ch_mult or any(not isinstance(m, int) or m < 1 for m in config.ch_mult):
     raise ValueError(f'config.model.ch_mult={config.ch_mult!r} must be positive ints')
   levels = len(config.ch_mult)
@@ -98,11 +105,13 @@ class AttnBlock(nn.Module):
   """
   dtype: Dtype = jnp.float32
   attention_impl: str = 'xla'
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    y = GroupNorm(dtype=self.dtype, name='norm')(x).reshape(b, h * w, c)
+    y = GroupNorm(dtype=self.dtype, max_groups=self.norm_groups,
+                  name='norm')(x).reshape(b, h * w, c)
     y = MultiHeadAttention(num_heads=1, qkv_bias=True, out_bias=True, rope=None,
                            implementation=self.attention_impl, dtype=self.dtype,
                            name='attention')(y)
@@ -119,13 +128,16 @@ class _Stack(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   attention_impl: str = 'xla'
+  norm_groups: int = 32
 
   def _res_block(self, features: int, name: str) -> nn.Module:
     cls = nn.remat(ResBlock) if self.remat else ResBlock
-    return cls(features, dtype=self.dtype, use_bias=True, name=name)
+    return cls(features, dtype=self.dtype, use_bias=True, norm_groups=self.norm_groups,
+               name=name)
 
   def _attn(self, name: str) -> AttnBlock:
-    return AttnBlock(dtype=self.dtype, attention_impl=self.attention_impl, name=name)
+    return AttnBlock(dtype=self.dtype, attention_impl=self.attention_impl,
+                     norm_groups=self.norm_groups, name=name)
 
   def _middle(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
@@ -135,7 +147,7 @@ class _Stack(nn.Module):
     return self._res_block(width, 'mid_block_2')(x)
 
   def _head(self, x: jax.Array, features: int) -> jax.Array:
-    x = swish(GroupNorm(dtype=self.dtype, name='norm_out')(x))
+    x = swish(GroupNorm(dtype=self.dtype, max_groups=self.norm_groups, name='norm_out')(x))
     return conv(features, 3, use_bias=True, dtype=self.dtype, name='conv_out')(x)
 
 
@@ -230,7 +242,7 @@ class ChameleonVQGAN(nn.Module):
     shared = dict(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                   attn_levels=tuple(cfg.attn_levels), mid_attention=cfg.mid_attention,
                   dtype=compute_dtype(cfg.dtype, 'config.model.dtype'), remat=cfg.remat,
-                  attention_impl=cfg.attention_impl)
+                  attention_impl=cfg.attention_impl, norm_groups=cfg.norm_groups)
     self.encoder = ChameleonVQGANEncoder(z_channels=cfg.z_channels, **shared)
     self.decoder = ChameleonVQGANDecoder(**shared)
     # The 1x1 convs around the quantizer run in float32: their outputs decide the codes.

@@ -65,19 +65,22 @@ class ResBlock(nn.Module):
   """Pre-activation residual block. Shapes: (b, h, w, c_in) -> (b, h, w, features).
 
   use_bias: biases on both convs and the 1x1 shortcut (taming's ResnetBlock); WeTok has none.
+  norm_groups: the GroupNorms' maximum group count (`nn.norms.GroupNorm.max_groups`).
   """
   features: int
   dtype: Dtype = jnp.float32
   use_bias: bool = False
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     chex.assert_rank(x, 4)
     residual = x
     common = dict(use_bias=self.use_bias, dtype=self.dtype)
-    y = swish(GroupNorm(dtype=self.dtype, name='norm1')(x))
+    norm = dict(dtype=self.dtype, max_groups=self.norm_groups)
+    y = swish(GroupNorm(name='norm1', **norm)(x))
     y = conv(self.features, 3, name='conv1', **common)(y)
-    y = swish(GroupNorm(dtype=self.dtype, name='norm2')(y))
+    y = swish(GroupNorm(name='norm2', **norm)(y))
     y = conv(self.features, 3, name='conv2', **common)(y)
     if x.shape[-1] != self.features:
       residual = conv(self.features, 1, name='nin_shortcut', **common)(x)

@@ -45,21 +45,25 @@ class RMSNorm(nn.Module):
 
 
 class GroupNorm(nn.Module):
-  """GroupNorm over NHWC features with `num_groups_for(C)` groups (32 at the paper's widths).
+  """GroupNorm over NHWC features with `num_groups_for(C, max_groups)` groups (32 at the
+  paper's widths).
 
   Shapes: (b, h, w, c) -> (b, h, w, c). `affine=False` drops the learned scale and bias
-  (AdaptiveGroupNorm supplies its own). Variance is two-pass, as in PyTorch.
+  (AdaptiveGroupNorm supplies its own). Variance is two-pass, as in PyTorch. At small widths
+  32 groups hold one channel each, which normalises away each channel's mean over the image
+  (its colour); CPU-sized configs lower `max_groups` to keep several channels per group.
   """
   epsilon: float = 1e-6
   affine: bool = True
   dtype: Dtype = jnp.float32
+  max_groups: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     chex.assert_rank(x, 4)
     channels = x.shape[-1]
     return nn.GroupNorm(
-        num_groups=num_groups_for(channels),
+        num_groups=num_groups_for(channels, self.max_groups),
         epsilon=self.epsilon,
         dtype=self.dtype,
         use_bias=self.affine,

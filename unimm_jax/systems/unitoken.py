@@ -20,6 +20,7 @@ configs/chameleon_vqgan.py, the authors' VQGAN state dict (.safetensors), or a t
 `chameleon_vqgan` / `chameleon` directory (no decoder there: config.system.
 tokenizer_decoder_path); empty = a random VQ, for tests of the plumbing only.
 """
+import json
 import logging
 import os
 
@@ -170,9 +171,11 @@ class UniToken(UnifiedSystem):
       params = variables['params']
     else:
       _, variables, saved = tokenizer_run.load_tokenizer_run(path)
-      if saved.model.to_dict() != self.config.vq.to_dict():
-        diff = sorted(k for k in set(saved.model.keys()) | set(self.config.vq.keys())
-                      if saved.model.get(k) != self.config.vq.get(k))
+      # JSON form: a restored config holds lists where the config file wrote tuples.
+      saved_fields, wanted = (json.loads(c.to_json()) for c in (saved.model, self.config.vq))
+      diff = sorted(k for k in set(saved_fields) | set(wanted)
+                    if saved_fields.get(k) != wanted.get(k))
+      if diff:
         raise ValueError(f'the tokenizer run {path} has a different model config than '
                          f'config.vq (fields {diff})')
       params = variables['params']

@@ -46,7 +46,7 @@ class MLLMEvaluator:
     self.task, self.context, self.writer, self.workdir = task, context, writer, workdir
     config, system = task.config, task.system
     shards = context.batch_shards
-    self.frozen = jax.device_put(task.load_frozen(), context.replicated)
+    self.frozen = _frozen(task, context)
     batch_size = _rounded(config.eval.batch_size, shards)
     host_batches = list(mllm_data.build_mllm_eval_batches(
         config.data, task.tokenizer, system.ids, system.image_slots, batch_size=batch_size,
@@ -58,9 +58,8 @@ class MLLMEvaluator:
                                             _rounded(config.eval.num_answers, shards))
     self.prompts = mllm_data.eval_records(config.data, "generation",
                                           _rounded(config.eval.num_generations, shards))
-    self.runner = mllm_inference.MLLMRunner(
-        system, task.tokenizer, max_answer_tokens=config.eval.max_answer_tokens,
-        place=lambda batch: context.place_batch(batch, host_local=False))
+    self.runner = mllm_inference.MLLMRunner.on_mesh(
+        system, task.tokenizer, context, max_answer_tokens=config.eval.max_answer_tokens)
     self._step, self._scalars, self.answers, self.images = None, None, [], None
 
   def _loss(self, params) -> dict[str, float]:
@@ -133,6 +132,11 @@ class MLLMEvaluator:
             f"prompts, {self.num_tokens} target tokens")
 
 
+def _frozen(task, context):
+  """The task's frozen networks, replicated on the mesh."""
+  return jax.device_put(task.load_frozen(), context.replicated)
+
+
 def _restore(task, context, workdir: str):
   boxed = jax.eval_shape(task.init_params, jax.random.key(0))
   return restore.restore_eval_params(workdir, boxed, context)
@@ -163,10 +167,10 @@ def chat(task, context, workdir: str, image_path: str | None, prompt: str) -> st
     content.insert(0, {"type": "image", "path": os.path.abspath(image_path)})
   record = {"kind": "understanding", "meta": {},
             "messages": [{"role": "user", "content": content}]}
-  runner = mllm_inference.MLLMRunner(task.system, task.tokenizer,
-                                     max_answer_tokens=task.config.eval.max_answer_tokens)
+  runner = mllm_inference.MLLMRunner.on_mesh(
+      task.system, task.tokenizer, context, max_answer_tokens=task.config.eval.max_answer_tokens)
   with context.activate():
-    return runner.answer(params, task.load_frozen(), [record])[0]
+    return runner.answer(params, _frozen(task, context), [record])[0]
 
 
 def generate_to_folder(task, context, workdir: str, prompt: str, *, output: str,
@@ -176,9 +180,9 @@ def generate_to_folder(task, context, workdir: str, prompt: str, *, output: str,
   """`--mode=generate`: `num_images` images for `prompt` as PNGs in `output`."""
   gen = task.config.generation
   _, params = _restore(task, context, workdir)
-  runner = mllm_inference.MLLMRunner(task.system, task.tokenizer)
+  runner = mllm_inference.MLLMRunner.on_mesh(task.system, task.tokenizer, context)
   with context.activate():
-    images = runner.generate(params, task.load_frozen(), [prompt] * num_images,
+    images = runner.generate(params, _frozen(task, context), [prompt] * num_images,
                              cfg_scale=gen.cfg_scale if cfg_scale is None else cfg_scale,
                              temperature=gen.temperature if temperature is None else temperature,
                              top_k=(gen.top_k or None) if top_k is None else top_k, seed=seed)
