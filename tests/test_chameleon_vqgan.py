@@ -112,6 +112,7 @@ def fixture_model_config(ref, base=TINY):
   config = config_defaults.load_config(base)
   m = config.model
   m.ch, m.ch_mult, m.num_res_blocks = dd['ch'], tuple(dd['ch_mult']), dd['num_res_blocks']
+  m.norm_groups = 32  # their GroupNorm(32, C); the CPU configs use fewer groups
   # attention at resolution 16 of a 32 px `resolution`: level 1.
   m.attn_levels = tuple(i for i in range(len(dd['ch_mult']))
                         if dd['resolution'] // 2 ** i in dd['attn_resolutions'])
