@@ -417,7 +417,6 @@ def test_config_validation_names_the_key():
   bad = {'seq_len': dict(seq_len=0), 'source': dict(source='tfds'),
          'generation_weight': dict(generation_weight=-1.0),
          'both 0': dict(understanding_weight=0.0, generation_weight=0),
-         'data_config.path': dict(source='jsonl'),
          'image_root': dict(image_root='x'), 'tokenizer': dict(tokenizer='nope'),
          'num_eval_examples': dict(num_eval_examples=20_000)}
   for match, change in bad.items():
@@ -431,6 +430,13 @@ def test_config_validation_names_the_key():
   config.data.seq_len = 1
   with pytest.raises(ValueError, match=r'config\.data\.seq_len'):
     config_defaults.validate(config)
+  # An empty JSONL path passes validation (a paper config can be planned before its data
+  # exists); reading the data names it.
+  jsonl = default_mllm_data_config()
+  jsonl.source = 'jsonl'
+  validate_mllm_data_config(jsonl)
+  with pytest.raises(ValueError, match=r'config\.data\.path is empty'):
+    mllm_data.make_conversation_sources(jsonl, 'train')
 
 
 def test_slot_counts():

@@ -61,7 +61,7 @@ from unimm_jax.data.mllm_sequence import KINDS, EncodedSequence, ImageSlots, Spe
 from unimm_jax.data.pipeline import _ProcessSlice, host_batch_size, max_consecutive_skips
 from unimm_jax.data.pipeline import prefetch_in_workers, shuffled_shard
 from unimm_jax.data.sources import StrideSubset, expand_globs
-from unimm_jax.data.text_packing import PackedIterDataset
+from unimm_jax.data.text_packing import PackedIterDataset, padded_batches
 from unimm_jax.data.transforms import Unreadable
 
 # Every this-many-th record of each JSONL kind is held out for eval without an eval_path.
@@ -385,18 +385,8 @@ def build_mllm_eval_batches(data_config: ml_collections.ConfigDict, tokenizer,
   rows = PackedIterDataset(records, layout, len(order) + 1).batch(batch_size)
   empty = layout.row([], 0)
 
-  def batches():
-    tokens_seen = 0
-    for batch in itertools.islice(rows, max_batches):
-      missing = batch_size - len(batch['tokens'])
-      if missing:
-        batch = {k: np.concatenate([v, np.stack([empty[k]] * missing)]) for k, v in batch.items()}
-      tokens_seen += int((batch['segment_ids'] > 0).sum())
-      yield batch
-    if not tokens_seen:
-      raise ValueError('the MLLM eval split holds no readable record that fits a row')
-
-  return batches()
+  return padded_batches(rows, empty, batch_size, max_batches,
+                        'the MLLM eval split holds no readable record that fits a row')
 
 
 def eval_records(data_config: ml_collections.ConfigDict, kind: str, count: int) -> list[dict]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import ast
 import functools
 import gc
-import itertools
 import json
 import os
 import sysconfig
@@ -53,7 +52,7 @@ from unimm_jax.data.pipeline import (host_batch_size, max_consecutive_skips,
                                      prefetch_in_workers, shuffled_shard)
 from unimm_jax.data.sources import StrideSubset, expand_globs, list_files
 from unimm_jax.data.text_data_config import validate_text_data_config
-from unimm_jax.data.text_packing import PackedRowIterDataset, packed_row
+from unimm_jax.data.text_packing import PackedRowIterDataset, packed_row, padded_batches
 from unimm_jax.data.text_tokenizer import TextTokenizer
 from unimm_jax.data.transforms import Unreadable
 
@@ -364,15 +363,5 @@ def build_text_eval_batches(data_config: ml_collections.ConfigDict,
                               pad_id, len(source) + 1).batch(batch_size)
   empty = packed_row([], seq_len, pad_id, 0)
 
-  def batches():
-    tokens_seen = 0
-    for batch in itertools.islice(rows, max_batches):
-      missing = batch_size - len(batch['tokens'])
-      if missing:
-        batch = {k: np.concatenate([v, np.stack([empty[k]] * missing)]) for k, v in batch.items()}
-      tokens_seen += int((batch['segment_ids'] > 0).sum())
-      yield batch
-    if not tokens_seen:
-      raise ValueError(f'the eval split {source!r} holds no readable document')
-
-  return batches()
+  return padded_batches(rows, empty, batch_size, max_batches,
+                        f'the eval split {source!r} holds no readable document')

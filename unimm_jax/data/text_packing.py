@@ -34,6 +34,7 @@ counted in `skipped`, and a row closes when the next example's tokens or images 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Protocol, Sequence
 
 from absl import logging
@@ -236,3 +237,19 @@ def pack_documents(documents: Sequence[Sequence[int]], seq_len: int,
   """All rows (module docstring) that `PackedRowIterDataset` makes of `documents` in order."""
   ds = grain.MapDataset.source([np.asarray(d, np.int32) for d in documents]).to_iter_dataset()
   return list(PackedRowIterDataset(ds, seq_len, pad_id, max(2, len(documents) + 1)))
+
+
+def padded_batches(rows, empty: dict, batch_size: int, max_batches: int | None,
+                   nothing_read: str):
+  """Up to `max_batches` batches of `rows` (a batched, finite IterDataset), the last one
+  filled up to `batch_size` with copies of the `empty` row, for eval passes whose batches
+  must all have one shape. Raises ValueError(nothing_read) when no row held a token."""
+  tokens_seen = 0
+  for batch in itertools.islice(rows, max_batches):
+    missing = batch_size - len(batch['tokens'])
+    if missing:
+      batch = {k: np.concatenate([v, np.stack([empty[k]] * missing)]) for k, v in batch.items()}
+    tokens_seen += int((batch['segment_ids'] > 0).sum())
+    yield batch
+  if not tokens_seen:
+    raise ValueError(nothing_read)
