@@ -39,20 +39,12 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       embedding=1.0,  # the quantizer's loss (taming's codebook_weight)
       gan=0.8,  # taming's disc_weight, times the adaptive weight; 0 = no discriminator
   ))
-  config.lpips = ml_collections.ConfigDict(dict(
-      path="",  # safetensors of the lpips package's state dict (README: LPIPS weights)
-      allow_random=False,  # random VGG trunk: smoke tests only, not a perceptual loss
-  ))
+  config.lpips = config_defaults.lpips_config()
   # taming's NLayerDiscriminator (3 layers, ndf 64, BatchNorm), hinge losses, the adaptive
   # generator weight on the decoder's last conv, and a late start.
-  config.disc = ml_collections.ConfigDict(dict(
-      name="patchgan", n_layers=3, ndf=64,
-      stylegan_channel_base=16384, stylegan_channel_max=512,
-      d_loss="hinge", g_loss="hinge", average_patches_first=False, start=250_001,
-      lecam=0.0, lecam_decay=0.999, r1=0.0,
-      adaptive=True, adaptive_layer="decoder/conv_out/kernel", adaptive_max=1e4,
-      lr=2.88e-4, b1=0.5, b2=0.9,
-  ))
+  config.disc = config_defaults.disc_config(
+      g_loss="hinge", average_patches_first=False, start=250_001, lecam=0.0, adaptive=True,
+      lr=2.88e-4)
   # taming's rule lr = 4.5e-6 x batch size, at the paper variant's batch of 64.
   config.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=2.88e-4, b1=0.5, b2=0.9, weight_decay=0.0,

@@ -77,24 +77,14 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config.gap_prior = ml_collections.ConfigDict(dict(
       width=256, depth=8, num_heads=4, head_width=256, head_depth=3, head_adaln_blocks=1,
       use_query_token=True, noise_repeats=4, t_mean=-0.8, t_std=0.8, dtype="float32"))
-  config.lpips = ml_collections.ConfigDict(dict(
-      path="",  # safetensors of the lpips package's state dict (README: LPIPS weights)
-      allow_random=False,  # random VGG trunk: smoke tests only, not a perceptual loss
-  ))
+  config.lpips = config_defaults.lpips_config()
   # WeTok's discriminator: PatchGAN 3 layers, ndf 64, BatchNorm; hinge + 0.05 LeCAM (EMA
   # 0.999); non-saturating generator loss, fixed weight (no adaptive rule), from step 0.
   # Distillation teacher (SPECS 1: SigLIP2 So400m/16 at 384): a downloaded checkpoint
   # directory, e.g. --config.teacher.path=/ckpt/siglip2-so400m-patch16-384 (README).
   config.teacher = config_defaults.teacher_config()
   config.teacher.dtype = "bfloat16"
-  config.disc = ml_collections.ConfigDict(dict(
-      name="patchgan", n_layers=3, ndf=64,
-      stylegan_channel_base=16384, stylegan_channel_max=512,
-      d_loss="hinge", g_loss="non_saturating", average_patches_first=True, start=0,
-      lecam=0.05, lecam_decay=0.999, r1=0.0,
-      adaptive=False, adaptive_layer="decoder/conv_out/kernel", adaptive_max=1e4,
-      lr=1e-4, b1=0.5, b2=0.9,
-  ))
+  config.disc = config_defaults.disc_config()
   config.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-4, b1=0.5, b2=0.9, weight_decay=0.0,
       schedule="constant", warmup_steps=0, grad_clip=0.0,

@@ -96,6 +96,38 @@ def teacher_config() -> ml_collections.ConfigDict:
   ))
 
 
+def lpips_config() -> ml_collections.ConfigDict:
+  """The perceptual loss's weights (`config.lpips`)."""
+  return ml_collections.ConfigDict(dict(
+      path="",  # safetensors of the lpips package's state dict (README: LPIPS weights)
+      allow_random=False,  # random VGG trunk: smoke tests only, not a perceptual loss
+  ))
+
+
+_DISC_DEFAULTS = dict(
+    # 'patchgan' (n_layers, ndf) or 'stylegan' (channel base / max).
+    name="patchgan", n_layers=3, ndf=64,
+    stylegan_channel_base=16384, stylegan_channel_max=512,
+    # Losses ('hinge' | 'non_saturating' for each side); the step the
+    # discriminator starts; LeCAM and R1 regularisers.
+    d_loss="hinge", g_loss="non_saturating", average_patches_first=True, start=0,
+    lecam=0.05, lecam_decay=0.999, r1=0.0,
+    # taming's adaptive generator weight on `adaptive_layer`'s gradient norm, capped.
+    adaptive=False, adaptive_layer="decoder/conv_out/kernel", adaptive_max=1e4,
+    lr=1e-4, b1=0.5, b2=0.9,  # the discriminator's Adam
+)
+
+
+def disc_config(**values) -> ml_collections.ConfigDict:
+  """The discriminator's fields (`config.disc`), WeTok's values unless given; a name that is
+  not a field is refused, so two tokenizer configs cannot drift apart in their schema."""
+  unknown = sorted(set(values) - set(_DISC_DEFAULTS))
+  if unknown:
+    raise ValueError(f"disc_config: {unknown} are not discriminator fields "
+                     f"({sorted(_DISC_DEFAULTS)})")
+  return ml_collections.ConfigDict({**_DISC_DEFAULTS, **values})
+
+
 _ENUMS = {
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("constant", "cosine"),

@@ -82,15 +82,21 @@ def flatten_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
   return flat
 
 
+def image_grid(images: np.ndarray, columns: int) -> np.ndarray:
+  """(n, h, w, 3) in [-1, 1] -> one uint8 grid, `columns` wide, row-major, on white with a
+  2-px gap after every column and between rows: (rows * (h + 2) - 2, columns * (w + 2), 3)."""
+  n, h, w, _ = images.shape
+  rows = -(-n // columns)
+  grid = np.full((rows * (h + 2) - 2, columns * (w + 2), 3), 255, np.uint8)
+  for i in range(n):
+    y0, x0 = (i // columns) * (h + 2), (i % columns) * (w + 2)
+    grid[y0:y0 + h, x0:x0 + w] = to_uint8(images[i])
+  return grid
+
+
 def reconstruction_grid(originals: np.ndarray, recons: np.ndarray) -> np.ndarray:
   """(n, h, w, 3) pairs -> one (2h + 2, n*(w+2), 3) uint8 grid: originals above recons."""
-  n, h, w, _ = originals.shape
-  grid = np.full((2 * h + 2, n * (w + 2), 3), 255, np.uint8)
-  for i in range(n):
-    x0 = i * (w + 2)
-    grid[:h, x0:x0 + w] = to_uint8(originals[i])
-    grid[h + 2:, x0:x0 + w] = to_uint8(recons[i])
-  return grid
+  return image_grid(np.concatenate([originals, recons]), columns=len(originals))
 
 
 def flatten_hparams(config) -> dict[str, Any]:

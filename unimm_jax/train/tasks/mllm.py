@@ -92,7 +92,10 @@ class MLLMTask:
     return TrainState.create(self.init_params(rng), self.optimizer.tx,
                              ema=self.config.ema_decay > 0)
 
+  @functools.cache
   def load_frozen(self) -> dict:
+    """The system's frozen networks, read once: the trainer's step and the evaluator (and
+    chat / generate) share them."""
     return self.system.load_frozen()
 
   def frozen_shapes(self) -> dict:

@@ -26,17 +26,6 @@ def _rounded(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple if n else 0
 
 
-def generation_grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
-  """(n, H, W, 3) in [-1, 1] -> one uint8 grid image, `columns` wide, 2-px gaps."""
-  n, h, w, _ = images.shape
-  rows = -(-n // columns)
-  grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
-  for i, image in enumerate(image_io.to_uint8(images)):
-    r, c = divmod(i, columns)
-    grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = image
-  return grid
-
-
 class MLLMEvaluator:
   """The MLLM's periodic evaluation (see the module docstring); trainer interface as
   `unimm_jax.train.evaluators`."""
@@ -101,7 +90,8 @@ class MLLMEvaluator:
   def write_samples(self, params, step: int) -> None:
     self.evaluate(params, step)
     if self.images is not None:
-      grid = generation_grid(self.images[:self.task.config.train.grid_images])
+      grid = metric_logging.image_grid(self.images[:self.task.config.train.grid_images],
+                                       columns=4)
       self.writer.write_images(step, {"generations": grid[None]})
     text = "\n".join(f"Q: {mllm_data.prompt_text(r)}  A: {a}  (want {r['meta']['answer']})"
                      for r, a in zip(self.questions[:8], self.answers[:8]))
