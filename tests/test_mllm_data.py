@@ -162,6 +162,23 @@ def test_understanding_layout_by_hand():
   assert seq.meta == {'answer': 'red', 'kind': 'understanding', 'image_wh': [[24, 6]]}
 
 
+def test_multi_turn_layout_supervises_every_answer():
+  record = _understanding(_image(6, 24))
+  record['messages'] += [{'role': 'user', 'content': [{'type': 'text', 'text': 'What?'}]},
+                         {'role': 'assistant', 'content': [{'type': 'text', 'text': 'blue'}]}]
+  seq = _encode(record)
+  want = [5, 1] + SPAN_UND + [3, 6, 2, 4, 6, 1, 3, 6, 2, 8, 6]
+  assert seq.tokens.tolist() == want
+  sup = [False] * len(want)
+  sup[2 + 9] = True  # SEP
+  sup[-8:-6] = sup[-2:] = [True, True]  # each answer and its end of turn
+  assert seq.supervised.tolist() == sup
+  assert seq.images.shape == (1, 8, 8, 3)  # the image once, in the first turn
+  # Prompting for an answer keeps the earlier turns and leaves the last answer out.
+  prompt = _encode(record, generation_prompt='answer')
+  assert prompt.tokens.tolist() == want[:-3] + [2]
+
+
 def test_generation_layout_by_hand():
   # An 8 x 8 image ties (6, 12) and (12, 6); the first wins: grid 2 x 1, plane 6 x 3,
   # new height int(8 * 3 / 8) = 3, padding (6 - 3) // 2 = 1: token rows 1..4 kept.
@@ -407,6 +424,13 @@ def test_scenes_eval_batches_and_records():
       int(b['segment_ids'].max(axis=1).sum()) for b in batches) == 12
   questions = mllm_data.eval_records(cfg, 'understanding', 3)
   assert len(questions) == 3 and all(q['meta']['answer'] for q in questions)
+  # questions_per_image makes train understanding examples multi-turn; eval asks one each.
+  cfg.questions_per_image = 3
+  turns = {split: mllm_data.make_conversation_sources(cfg, split, ('understanding',))[
+      'understanding'][0]['messages'] for split in ('train', 'eval')}
+  assert [len(m) for m in turns.values()] == [6, 2]
+  assert ([mllm_data.prompt_text(q) for q in mllm_data.eval_records(cfg, 'understanding', 3)]
+          == [mllm_data.prompt_text(q) for q in questions])
   assert mllm_data.prompt_text(mllm_data.eval_records(cfg, 'generation', 1)[0])
   with pytest.raises(ValueError, match='num_eval_examples'):
     mllm_data.eval_records(cfg, 'generation', 7)
@@ -418,7 +442,8 @@ def test_config_validation_names_the_key():
          'generation_weight': dict(generation_weight=-1.0),
          'both 0': dict(understanding_weight=0.0, generation_weight=0),
          'image_root': dict(image_root='x'), 'tokenizer': dict(tokenizer='nope'),
-         'num_eval_examples': dict(num_eval_examples=20_000)}
+         'num_eval_examples': dict(num_eval_examples=20_000),
+         'questions_per_image': dict(questions_per_image=7)}
   for match, change in bad.items():
     cfg = default_mllm_data_config()
     cfg.update(change)

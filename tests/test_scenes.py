@@ -141,6 +141,29 @@ def test_questions_are_unambiguous_and_answers_follow_from_the_scene():
   assert 0.4 < np.mean(yes) < 0.6
 
 
+def test_multi_turn_examples_ask_distinct_types_about_one_image():
+  single = SceneConversations('train', 'understanding', 40, 16, seed=2)
+  multi = SceneConversations('train', 'understanding', 40, 16, seed=2, questions_per_image=4)
+  for i in range(40):
+    _, messages, meta = multi.example(i)
+    assert [m['role'] for m in messages] == ['user', 'assistant'] * 4
+    images = [[p for p in m['content'] if p['type'] == 'image'] for m in messages]
+    assert len(images[0]) == 1 and not any(images[1:])
+    texts = _texts(messages)
+    assert texts[1::2] == meta['answers'] and meta['answer'] == meta['answers'][-1]
+    for turn, qtype in enumerate(meta['question_types']):
+      wanted = scene_conversations.QUESTION_TYPES[(i + 2 + turn) % 6]
+      if wanted in ('caption', 'count', 'yes_no'):  # always supported, so always asked
+        assert qtype == wanted
+    for question, answer, qtype in zip(texts[::2], texts[1::2], meta['question_types']):
+      if qtype != 'caption':
+        assert _recompute_answer(question, meta['scene']['objects']) == answer
+    # The first turn is the one the single-question source asks of the same scene.
+    assert single.example(i)[2]['answers'] == meta['answers'][:1]
+  with pytest.raises(ValueError, match='questions_per_image'):
+    SceneConversations('train', 'understanding', 4, questions_per_image=7)
+
+
 def _region_name(box):
   return next(k for k, v in scenes.REGIONS.items() if list(v) == box)
 

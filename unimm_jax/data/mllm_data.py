@@ -153,9 +153,12 @@ def make_conversation_sources(data_config: ml_collections.ConfigDict, split: str
   if data_config.source == 'scenes':
     # Imported here: only the scenes source needs the scene renderer.
     from unimm_jax.data.scene_conversations import SceneConversations  # pylint: disable=g-import-not-at-top
-    size = data_config.num_train_examples if split == 'train' else data_config.num_eval_examples
+    train = split == 'train'
+    size = data_config.num_train_examples if train else data_config.num_eval_examples
+    # Eval asks one question per image, so that answer accuracy counts single questions.
+    turns = data_config.questions_per_image if train else 1
     return {kind: SceneConversations(split, kind, size, data_config.image_size,
-                                     data_config.scene_seed) for kind in kinds}
+                                     data_config.scene_seed, turns) for kind in kinds}
   field = 'eval_path' if split == 'eval' and data_config.eval_path else 'path'
   if not data_config[field]:
     raise ValueError("config.data.path is empty; source 'jsonl' needs the conversations' "

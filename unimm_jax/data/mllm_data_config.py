@@ -18,6 +18,8 @@
     num_train_examples    100000    scenes: examples per kind in the train split
     num_eval_examples     256       scenes: examples per kind in the eval split
     scene_seed            0         scenes: seeds the questions asked about each scene
+    questions_per_image   1         scenes: question turns of a train understanding example
+                                    (1-6, distinct types; the eval split asks one each)
     num_workers           0         grain worker processes; 0 reads in the main process
     worker_buffer_size    2         batches each worker prepares ahead
 
@@ -33,6 +35,7 @@ import ml_collections
 MLLM_SOURCES = ('scenes', 'jsonl')
 BUILTIN_TOKENIZERS = ('byte', 'scene_words')
 # SceneConversations' split sizes (scenes.SPLITS), checked here without importing scenes.
+_MAX_QUESTIONS_PER_IMAGE = 6  # scene_conversations.QUESTION_TYPES, distinct per image
 _SCENE_SPLIT_SIZES = {'num_train_examples': 1_000_000, 'num_eval_examples': 10_000}
 
 
@@ -53,6 +56,7 @@ def default_mllm_data_config() -> ml_collections.ConfigDict:
       'num_train_examples': 100_000,
       'num_eval_examples': 256,
       'scene_seed': 0,
+      'questions_per_image': 1,
       'num_workers': 0,
       'worker_buffer_size': 2,
   })
@@ -72,7 +76,8 @@ def validate_mllm_data_config(data_config: ml_collections.ConfigDict) -> None:
                      f'{data_config.source!r}')
   for field, minimum in (('seq_len', 8), ('images_per_row', 1), ('image_size', 1),
                          ('shuffle_seed', 0), ('num_train_examples', 1),
-                         ('num_eval_examples', 1), ('scene_seed', 0), ('num_workers', 0),
+                         ('num_eval_examples', 1), ('scene_seed', 0),
+                         ('questions_per_image', 1), ('num_workers', 0),
                          ('worker_buffer_size', 1)):
     value = data_config[field]
     if not _is_int(value) or value < minimum:
@@ -91,6 +96,9 @@ def validate_mllm_data_config(data_config: ml_collections.ConfigDict) -> None:
       if data_config[field]:
         raise ValueError(f"data_config.{field} must be empty for source 'scenes', got "
                          f'{data_config[field]!r}')
+    if data_config.questions_per_image > _MAX_QUESTIONS_PER_IMAGE:
+      raise ValueError(f'data_config.questions_per_image must be <= {_MAX_QUESTIONS_PER_IMAGE} '
+                       f'(the question types), got {data_config.questions_per_image}')
     for field, size in _SCENE_SPLIT_SIZES.items():
       if data_config[field] > size:
         raise ValueError(f'data_config.{field} must be <= {size} (the scenes split size), '

@@ -1,8 +1,8 @@
 """Captions, questions and generation prompts about procedural scenes, as conversations.
 
-`SceneConversations(split, kind, num_examples, image_size, seed)` is a random-access source
-of the conversation records of the MLLM data contract: example `i` is built from scene seed
-`scenes.scene_seed(split, i)` and `seed`, and from nothing else.
+`SceneConversations(split, kind, num_examples, image_size, seed, questions_per_image)` is a
+random-access source of the conversation records of the MLLM data contract: example `i` is
+built from scene seed `scenes.scene_seed(split, i)` and `seed`, and from nothing else.
 
 kind 'understanding': the user turn is the rendered image `uint8 (s, s, 3)` and a question,
 the assistant turn a one-word answer (or, for 'caption', the scene's caption):
@@ -21,6 +21,10 @@ left_right only asks about two objects whose centres are >= `LEFT_RIGHT_MIN_GAP`
 The question type of example i is `QUESTION_TYPES[(i + seed) % 6]`; when the scene cannot
 support it (no unique referent, one object for left_right) another supported type is drawn
 (in 2000 train examples: left_right 12 %, the other types 17-18 % each; yes_no half 'yes').
+With `questions_per_image` K > 1 an understanding example is a multi-turn conversation about
+one image (as LLaVA's instruction data): turn j asks type `QUESTION_TYPES[(i + seed + j) % 6]`
+(K <= 6 distinct types, the same fallback), the image in the first user turn only. A model
+then reads each image's tokens once for K supervised answers.
 Captions list the objects from left to right: 'There are two objects: a small red circle
 on the left and a large blue square at the top right.'
 
@@ -32,7 +36,8 @@ image; `meta['check']` is what `evals.scene_checks.check_generated_image` verifi
 'min_fraction': float}` (region in [0, 1] image coordinates, one target per named object).
 
 meta (JSON-able): question_type ('generation' for generation), answer (None for
-generation), scene_seed, split, held_out (a pair of `scenes.HELD_OUT_COMBOS` is the object
+generation) and held_out of the last turn (the one `generation_prompt='answer'` asks; every
+turn's in question_types, answers and held_outs), scene_seed, split, held_out (a pair of `scenes.HELD_OUT_COMBOS` is the object
 a question refers to, one of the two compared, the pair a yes_no question asks about, or,
 for caption, count and generation, any object of the scene), scene (`Scene.to_dict()`),
 check (generation only).
@@ -253,10 +258,11 @@ class SceneConversations:
     num_examples: examples 0 .. num_examples - 1 use scene seeds split start + i.
     image_size: side in pixels of the rendered images (uint8 (s, s, 3)).
     seed: picks the question type and question of each scene (not the scenes).
+    questions_per_image: question turns of an understanding example, 1 to 6.
   """
 
   def __init__(self, split: str, kind: str, num_examples: int, image_size: int = 64,
-               seed: int = 0):
+               seed: int = 0, questions_per_image: int = 1):
     if kind not in KINDS:
       raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
     if split not in scenes.SPLITS:
@@ -265,8 +271,11 @@ class SceneConversations:
     if not 1 <= num_examples <= stop - start:
       raise ValueError(f'num_examples must be in [1, {stop - start}] for split {split!r}, '
                        f'got {num_examples}')
+    if not 1 <= questions_per_image <= len(QUESTION_TYPES):
+      raise ValueError(f'questions_per_image must be in [1, {len(QUESTION_TYPES)}], got '
+                       f'{questions_per_image}')
     self.split, self.kind, self.num_examples = split, kind, num_examples
-    self.image_size, self.seed = image_size, seed
+    self.image_size, self.seed, self.questions_per_image = image_size, seed, questions_per_image
 
   def __len__(self) -> int:
     return self.num_examples
@@ -289,11 +298,17 @@ class SceneConversations:
     else:
       scene = scenes.sample_scene(seed)
       rng = np.random.default_rng([self.seed, seed])
-      wanted = QUESTION_TYPES[(index + self.seed) % len(QUESTION_TYPES)]
-      qtype, question, answer, held_out = scene_question(scene, wanted, rng)
-      messages = [_user({'type': 'image'}, {'type': 'text', 'text': question}),
-                  _assistant({'type': 'text', 'text': answer})]
-      meta.update(question_type=qtype, answer=answer, held_out=held_out)
+      messages, turns = [], []
+      for turn in range(self.questions_per_image):
+        wanted = QUESTION_TYPES[(index + self.seed + turn) % len(QUESTION_TYPES)]
+        turns.append(scene_question(scene, wanted, rng))
+        _, question, answer, _ = turns[-1]
+        image = [{'type': 'image'}] if turn == 0 else []
+        messages += [_user(*image, {'type': 'text', 'text': question}),
+                     _assistant({'type': 'text', 'text': answer})]
+      qtypes, _, answers, held_outs = (list(v) for v in zip(*turns))
+      meta.update(question_type=qtypes[-1], answer=answers[-1], held_out=held_outs[-1],
+                  question_types=qtypes, answers=answers, held_outs=held_outs)
     meta['scene'] = scene.to_dict()
     return scene, messages, meta
 
@@ -309,7 +324,8 @@ class SceneConversations:
 
   def __repr__(self) -> str:
     return (f'SceneConversations({self.split!r}, {self.kind!r}, {self.num_examples}, '
-            f'{self.image_size} px, seed={self.seed})')
+            f'{self.image_size} px, seed={self.seed}, '
+            f'questions_per_image={self.questions_per_image})')
 
 
 def vocabulary() -> tuple[str, ...]:
