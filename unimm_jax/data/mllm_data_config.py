@@ -34,8 +34,8 @@ import ml_collections
 
 MLLM_SOURCES = ('scenes', 'jsonl')
 BUILTIN_TOKENIZERS = ('byte', 'scene_words')
+_MAX_QUESTIONS_PER_IMAGE = 6  # len(scene_conversations.QUESTION_TYPES)
 # SceneConversations' split sizes (scenes.SPLITS), checked here without importing scenes.
-_MAX_QUESTIONS_PER_IMAGE = 6  # scene_conversations.QUESTION_TYPES, distinct per image
 _SCENE_SPLIT_SIZES = {'num_train_examples': 1_000_000, 'num_eval_examples': 10_000}
 
 

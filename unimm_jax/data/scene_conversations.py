@@ -23,8 +23,8 @@ support it (no unique referent, one object for left_right) another supported typ
 (in 2000 train examples: left_right 12 %, the other types 17-18 % each; yes_no half 'yes').
 With `questions_per_image` K > 1 an understanding example is a multi-turn conversation about
 one image (as LLaVA's instruction data): turn j asks type `QUESTION_TYPES[(i + seed + j) % 6]`
-(K <= 6 distinct types, the same fallback), the image in the first user turn only. A model
-then reads each image's tokens once for K supervised answers.
+(distinct wanted types; the fallback may repeat one), the image in the first user turn
+only. A model then reads each image's tokens once for K supervised answers.
 Captions list the objects from left to right: 'There are two objects: a small red circle
 on the left and a large blue square at the top right.'
 
@@ -36,11 +36,12 @@ image; `meta['check']` is what `evals.scene_checks.check_generated_image` verifi
 'min_fraction': float}` (region in [0, 1] image coordinates, one target per named object).
 
 meta (JSON-able): question_type ('generation' for generation), answer (None for
-generation) and held_out of the last turn (the one `generation_prompt='answer'` asks; every
-turn's in question_types, answers and held_outs), scene_seed, split, held_out (a pair of `scenes.HELD_OUT_COMBOS` is the object
-a question refers to, one of the two compared, the pair a yes_no question asks about, or,
-for caption, count and generation, any object of the scene), scene (`Scene.to_dict()`),
-check (generation only).
+generation) and held_out of the last turn (the one `generation_prompt='answer'` asks),
+every turn's in question_types, answers and held_outs (understanding only), scene_seed,
+split, scene (`Scene.to_dict()`), check (generation only). held_out: a pair of
+`scenes.HELD_OUT_COMBOS` is the object a question refers to, one of the two compared, the
+pair a yes_no question asks about, or, for caption, count and generation, any object of
+the scene.
 
 Vocabulary. Every text here comes from the templates and word lists of this module and of
 scenes.py; `vocabulary()` derives the complete word list from them (for the word-level
