@@ -164,6 +164,15 @@ def test_multi_turn_examples_ask_distinct_types_about_one_image():
     SceneConversations('train', 'understanding', 4, questions_per_image=7)
 
 
+def test_data_config_mirrors_of_the_scene_sources_agree():
+  # mllm_data_config checks these limits without importing the scene modules.
+  from unimm_jax.data import mllm_data_config
+  assert mllm_data_config._MAX_QUESTIONS_PER_IMAGE == len(scene_conversations.QUESTION_TYPES)
+  assert mllm_data_config._SCENE_SPLIT_SIZES == {
+      'num_train_examples': scenes.SPLITS['train'][1] - scenes.SPLITS['train'][0],
+      'num_eval_examples': scenes.SPLITS['eval'][1] - scenes.SPLITS['eval'][0]}
+
+
 def _region_name(box):
   return next(k for k, v in scenes.REGIONS.items() if list(v) == box)
 

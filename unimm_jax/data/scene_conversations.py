@@ -332,8 +332,8 @@ class SceneConversations:
 def vocabulary() -> tuple[str, ...]:
   """Every word, digit and punctuation mark that the texts of this module can contain.
 
-  Derived from the templates (placeholders removed), the joiners, the position phrases and
-  every word list that fills a placeholder; sorted.
+  Derived from the templates (their `{field}` slots removed), the joiners, the position
+  phrases and every word list that fills a slot; sorted.
   """
   texts = [re.sub(r'\{\w+\}', ' ', t) for t in TEMPLATES.values()]
   texts += [CAPTION_REQUEST, *LIST_JOINERS, *ARTICLES, *NUMBER_WORDS, *ANSWER_WORDS]
