@@ -270,6 +270,10 @@ def test_answer_accuracy_on_hand_made_cases():
   assert out['accuracy/all'] == pytest.approx(5 / 7) and out['count/all'] == 7
   assert out['accuracy/held_out'] == pytest.approx(2 / 3)
   assert out['accuracy/seen'] == pytest.approx(3 / 4)
+  assert out['count/held_out'] == 3 and out['count/seen'] == 4
+  assert out['chance/held_out'] == pytest.approx((1 / 7 + 0.5 + 0.5) / 3)
+  # One question of each type per group: always the type's majority answer is always right.
+  assert out['majority/held_out'] == 1.0 and out['majority/seen'] == 1.0
   assert out['chance/colour'] == pytest.approx(1 / 7) and out['chance/count'] == 0.2
   assert out['majority/colour'] == 0.5 and out['majority/yes_no'] == 0.5
   assert out['chance/all'] == pytest.approx((2 / 7 + 0.2 + 0.25 + 0.5 + 1.0) / 7)

@@ -11,8 +11,9 @@ two baselines per type so a report can say how far above chance a model is:
                      shape 1/4, count 1/5 (0-4), left_right 1/2, yes_no 1/2
     majority/<type>  accuracy of always giving the type's most common reference answer
 
-plus `count/<type>` (examples scored) and, given held-out flags, `accuracy/held_out` and
-`accuracy/seen` over the one-word types.
+plus `count/<type>` (examples scored). Given held-out flags, the same four numbers for
+the one-word questions about a held-out colour-shape pair (`*/held_out`: a compositional
+test, since no train example shows the pair) and for the rest (`*/seen`).
 
 Generated images (`check_generated_image`). Each pixel is assigned the nearest colour of
 `scenes.COLOURS` when it is within `max_distance` (RGB, Euclidean) of it, else none (the
@@ -66,13 +67,14 @@ def answer_accuracy(predictions: Sequence[str], references: Sequence[str],
     predictions: the model's answers, one per example.
     references: the reference answers (`meta['answer']` of the scene records).
     question_types: `meta['question_type']` of each example (a `QUESTION_TYPES` name).
-    held_out: optional `meta['held_out']` flags; adds `accuracy/held_out` and
-      `accuracy/seen`.
+    held_out: optional `meta['held_out']` flags; adds `{accuracy,chance,majority,count}/`
+      `held_out` and `.../seen` over the one-word types.
 
   Returns:
-    {'accuracy/<type>', 'chance/<type>', 'majority/<type>', 'count/<type>' for every type
-    present, 'accuracy/all', 'chance/all', 'majority/all', 'count/all'} (floats; chance and
-    majority are not given for captions); a type or group with no examples is left out.
+    {'accuracy/<g>', 'chance/<g>', 'majority/<g>', 'count/<g>'} for every group g: each
+    question type present, 'all' (the one-word types) and, with held_out, 'held_out' and
+    'seen' (floats; chance and majority are not given for captions); a type or group with
+    no examples is left out.
   """
   n = len(references)
   if len(predictions) != n or len(question_types) != n or (
@@ -83,34 +85,35 @@ def answer_accuracy(predictions: Sequence[str], references: Sequence[str],
   if unknown:
     raise ValueError(f'unknown question type(s) {unknown}; expected {QUESTION_TYPES}')
   right = [normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references)]
+  references = [normalise_answer(r) for r in references]
   by_type = collections.defaultdict(list)
   for i, qtype in enumerate(question_types):
     by_type[qtype].append(i)
-  out: dict[str, float] = {}
-  one_word = [i for i, t in enumerate(question_types) if t in ANSWER_TYPES]
-  for qtype in QUESTION_TYPES:
-    rows = by_type.get(qtype)
-    if not rows:
-      continue
-    out[f'accuracy/{qtype}'] = float(np.mean([right[i] for i in rows]))
-    out[f'count/{qtype}'] = float(len(rows))
-    if qtype in ANSWER_TYPES:
-      out[f'chance/{qtype}'] = 1.0 / len(ANSWERS[qtype])
-      most = collections.Counter(normalise_answer(references[i]) for i in rows).most_common(1)
-      out[f'majority/{qtype}'] = most[0][1] / len(rows)
-  if one_word:
-    total = float(len(one_word))
-    out['accuracy/all'] = sum(right[i] for i in one_word) / total
-    out['count/all'] = total
-    for baseline in ('chance', 'majority'):
-      out[f'{baseline}/all'] = sum(out[f'{baseline}/{t}'] * len(by_type[t])
-                                   for t in ANSWER_TYPES if t in by_type) / total
+  groups = {qtype: by_type[qtype] for qtype in QUESTION_TYPES if by_type.get(qtype)}
+  groups['all'] = [i for i, t in enumerate(question_types) if t in ANSWER_TYPES]
   if held_out is not None:
     for name, flag in (('held_out', True), ('seen', False)):
-      rows = [i for i in one_word if bool(held_out[i]) == flag]
-      if rows:
-        out[f'accuracy/{name}'] = float(np.mean([right[i] for i in rows]))
+      groups[name] = [i for i in groups['all'] if bool(held_out[i]) == flag]
+  out: dict[str, float] = {}
+  for name, rows in groups.items():
+    if not rows:
+      continue
+    out[f'accuracy/{name}'] = float(np.mean([right[i] for i in rows]))
+    out[f'count/{name}'] = float(len(rows))
+    if name != 'caption':
+      out[f'chance/{name}'] = float(np.mean([1.0 / len(ANSWERS[question_types[i]])
+                                             for i in rows]))
+      out[f'majority/{name}'] = _majority_rate(rows, references, question_types)
   return out
+
+
+def _majority_rate(rows: Sequence[int], references: Sequence[str],
+                   question_types: Sequence[str]) -> float:
+  """Accuracy over `rows` of always giving each question type's most common reference."""
+  counts = collections.defaultdict(collections.Counter)
+  for i in rows:
+    counts[question_types[i]][references[i]] += 1
+  return sum(c.most_common(1)[0][1] for c in counts.values()) / len(rows)
 
 
 def _as_uint8(image: np.ndarray) -> np.ndarray:

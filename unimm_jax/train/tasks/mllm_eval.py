@@ -2,7 +2,9 @@
 
 Held-out loss and perplexity over packed eval batches; when the eval data carries answers
 and generation checks (the built-in scenes, `unimm_jax.data.scenes`), also
-  answer accuracy  greedy answers to held-out questions, per question type, with chance;
+  answer accuracy  greedy answers to held-out questions, per question type and for
+                   questions about seen and held-out colour-shape pairs, with chance and
+                   majority-answer baselines;
   generation check the rate of generated images that satisfy their prompt
                    (`unimm_jax.evals.scene_checks.check_generated_image`);
 and a grid of generated images (TensorBoard and WORKDIR/generations/step_*.png).
@@ -66,9 +68,10 @@ class MLLMEvaluator:
     if self.questions:
       self.answers = self.runner.answer(params, self.frozen, self.questions)
       metas = [r["meta"] for r in self.questions]
+      held_out = [m.get("held_out") for m in metas]  # seen vs held-out colour-shape pairs
       scalars.update({f"eval/{k}": v for k, v in scene_checks.answer_accuracy(
-          self.answers, [m["answer"] for m in metas], [m["question_type"] for m in metas]
-      ).items()})
+          self.answers, [m["answer"] for m in metas], [m["question_type"] for m in metas],
+          None if None in held_out else held_out).items()})
     if self.prompts:
       self.images = self.runner.generate(
           params, self.frozen, [mllm_data.prompt_text(r) for r in self.prompts],
@@ -109,7 +112,12 @@ class MLLMEvaluator:
     parts = []
     if "eval/accuracy/all" in scalars:
       parts.append(f"answers {scalars['eval/accuracy/all']:.3f} "
-                   f"(chance {scalars['eval/chance/all']:.3f})")
+                   f"(chance {scalars['eval/chance/all']:.3f}, majority answer "
+                   f"{scalars['eval/majority/all']:.3f})")
+      for group in ("seen", "held_out"):
+        if f"eval/accuracy/{group}" in scalars:
+          parts.append(f"{group.replace('_', '-')} pairs {scalars[f'eval/accuracy/{group}']:.3f}"
+                       f" (majority {scalars[f'eval/majority/{group}']:.3f})")
     if "eval/generation_check" in scalars:
       parts.append(f"generation check {scalars['eval/generation_check']:.3f}")
     if "eval/loss" in scalars:
