@@ -51,5 +51,5 @@ def test_load_tokenizer_run_gives_the_load_pretrained_convention(full_run, reque
   images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   out = jax.jit(lambda v, x: model.apply(v, x, train=False, method="encode"))(variables, images)
   assert out.codes.shape == (2, 8, 8, config.model.groups) and out.recon is None
-  recon = jax.jit(image_codec.reconstruct(model))(variables["params"], images)
+  recon = jax.jit(image_codec.reconstruct(model))(variables, images)
   assert recon.shape == images.shape and float(np.abs(recon).max()) <= 1.0

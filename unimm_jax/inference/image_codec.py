@@ -1,7 +1,10 @@
-"""A tokenizer's encode/decode as functions of its params, and folders of images <-> .npz codes.
+"""A tokenizer's encode/decode as functions of its variables, and folders of images <-> .npz
+codes.
 
 `reconstruct`, `encode` and `decode` take a tokenizer module (see
-`unimm_jax.models.tokenizer_interface`) and return functions of (params, array); the
+`unimm_jax.models.tokenizer_interface`) and return functions of (variables, array), where
+variables = {'params': ..., plus any state collection such as EMA codebooks} as
+`unimm_jax.convert.load_pretrained` and `TrainState.eval_variables` give them; the
 decoder's noise (UniWeTok's generative decoder draws it on every call) comes from a fixed
 key, so reconstructions and decoded images are the same in every run and on every host.
 
@@ -33,26 +36,26 @@ def _noise() -> dict:
 
 
 def reconstruct(model: nn.Module) -> Callable:
-  """(params, images (b, h, w, 3)) -> reconstructions (b, h, w, 3) clipped to [-1, 1]."""
-  def run(params, images):
-    out = model.apply({"params": params}, images, train=False, rngs=_noise())
+  """(variables, images (b, h, w, 3)) -> reconstructions (b, h, w, 3) clipped to [-1, 1]."""
+  def run(variables, images):
+    out = model.apply(variables, images, train=False, rngs=_noise())
     return jnp.clip(out.recon, -1.0, 1.0)
   return run
 
 
 def encode(model: nn.Module) -> Callable:
-  """(params, images (b, h, w, 3)) -> integer codes (b, h', w', codes_per_token)."""
-  def run(params, images):
-    return model.apply({"params": params}, images, train=False, method="encode").codes
+  """(variables, images (b, h, w, 3)) -> integer codes (b, h', w', codes_per_token)."""
+  def run(variables, images):
+    return model.apply(variables, images, train=False, method="encode").codes
   return run
 
 
 def decode(model: nn.Module) -> Callable:
-  """(params, codes (b, h', w', codes_per_token)) -> images (b, h, w, 3) in [-1, 1]."""
-  def run(params, codes):
+  """(variables, codes (b, h', w', codes_per_token)) -> images (b, h, w, 3) in [-1, 1]."""
+  def run(variables, codes):
     def from_codes(module, codes):
       return module.decode(module.codes_to_quantized(codes), train=False)
-    return jnp.clip(model.apply({"params": params}, codes, method=from_codes, rngs=_noise()),
+    return jnp.clip(model.apply(variables, codes, method=from_codes, rngs=_noise()),
                     -1.0, 1.0)
   return run
 

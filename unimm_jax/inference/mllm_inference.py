@@ -12,10 +12,9 @@ beside it with its own cache (SPECS 3). Both are batched (left-padded) and run o
 devices hold `params` and the batch (a mesh: place them with a `MeshContext`).
 """
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unimm_jax.data import mllm_sequence

@@ -91,3 +91,15 @@ def restore_eval_params(workdir: str, boxed_params: Any, context: MeshContext,
   field = "params" if saved_fields(workdir, step).get("ema_params") is None else "ema_params"
   step, restored = restore_fields(workdir, {field: boxed_params}, context, step)
   return step, restored[field]
+
+
+def restore_eval_variables(workdir: str, boxed_variables: dict, context: MeshContext,
+                           step: int | None = None) -> tuple[int, dict]:
+  """(step, variables) that eval and inference apply a model with: {'params': the eval
+  params (see `restore_eval_params`), plus the collections of `TrainState.model_state`
+  (EMA codebooks) that `boxed_variables` names besides 'params'}."""
+  others = {k: v for k, v in boxed_variables.items() if k != "params"}
+  step, params = restore_eval_params(workdir, boxed_variables["params"], context, step)
+  if others:
+    others = restore_fields(workdir, {"model_state": others}, context, step)[1]["model_state"]
+  return step, {"params": params, **others}

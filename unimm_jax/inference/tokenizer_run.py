@@ -2,10 +2,11 @@
 
   model, variables, config = load_tokenizer_run("workdir_demo")
   out = model.apply(variables, images, train=False, method="encode")   # latents, codes
-  recon = image_codec.reconstruct(model)(variables["params"], images)
+  recon = image_codec.reconstruct(model)(variables, images)
 
-`variables` is {'params': the EMA params (the params when the run kept no EMA)}, the same
-convention as `unimm_jax.convert.load_pretrained`; nothing else of the checkpoint is read.
+`variables` is {'params': the EMA params (the params when the run kept no EMA), plus the
+model's state collections (EMA codebooks) if it has any}, the same convention as
+`unimm_jax.convert.load_pretrained`; nothing else of the checkpoint is read.
 """
 import jax
 import ml_collections
@@ -18,7 +19,7 @@ from unimm_jax.systems import tokenizers
 
 
 def load_tokenizer_run(workdir: str, context: MeshContext | None = None):
-  """(model, {'params': eval params}, saved config) of `workdir`'s latest checkpoint.
+  """(model, variables, saved config) of `workdir`'s latest checkpoint.
 
   context: where to place the params; default every local device on the data axis with the
   run's rules (a run planned for a pod loads on a laptop).
@@ -28,7 +29,6 @@ def load_tokenizer_run(workdir: str, context: MeshContext | None = None):
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
     context = MeshContext(mesh, config_defaults.sharding_rules(config))
   model = tokenizers.spec(config.model).build(config.model)
-  boxed = jax.eval_shape(lambda rng: tokenizers.init_params(model, config, rng),
+  boxed = jax.eval_shape(lambda rng: tokenizers.init_variables(model, config, rng),
                          jax.random.key(0))
-  _, params = restore.restore_eval_params(workdir, boxed, context)
-  return model, {"params": params}, config
+  return model, restore.restore_eval_variables(workdir, boxed, context)[1], config

@@ -1,6 +1,8 @@
 """What every image tokenizer gives the tokenizer task, and what plugs in beside it.
 
 A tokenizer module (built by its spec in `unimm_jax.systems.tokenizers`) offers:
+  variables {'params', plus state collections that gradients do not train, e.g. EMA
+    codebooks, which `__call__(..., train=True)` updates when they are mutable};
   `__call__(images, *, train) -> TokenizerOutput` with the reconstruction;
   `encode(images, *, train=False) -> TokenizerOutput` without it (recon None);
   `decode(latents, *, train=False) -> (b, h, w, 3)`;
@@ -19,6 +21,17 @@ from typing import Any
 
 import flax.struct
 import jax
+
+# The random streams a tokenizer may draw from when it is applied in training, by name:
+# `noise` (a generative decoder's input noise), `dropout`, `codebook_restart` (dead codes of
+# an EMA codebook replaced by vectors of the batch). The tokenizer task supplies all three.
+TRAIN_RNG_STREAMS = ('noise', 'dropout', 'codebook_restart')
+
+
+def train_rngs(rng: jax.Array) -> dict[str, jax.Array]:
+  """One key per stream of `TRAIN_RNG_STREAMS` from `rng` (`noise` is `rng` itself)."""
+  return {name: rng if i == 0 else jax.random.fold_in(rng, i)
+          for i, name in enumerate(TRAIN_RNG_STREAMS)}
 
 
 @flax.struct.dataclass

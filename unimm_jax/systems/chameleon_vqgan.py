@@ -34,10 +34,10 @@ def training_modules(config: ml_collections.ConfigDict) -> list[TrainingModule]:
 
 
 def import_weights(path: str, model_config: ml_collections.ConfigDict) -> dict:
-  """Params of `ChameleonVQGAN(model_config)` from a transformers directory or the authors'
+  """Variables ({'params'}) of `ChameleonVQGAN(model_config)` from a transformers directory or the authors'
   state dict file; an architecture that differs from config.model is named. A transformers
   directory has no decoder: it is initialised (and a warning says so)."""
   model, variables = convert_vqgan.load_vqgan(path, model_config)
   del model
   logging.info('imported the Chameleon VQGAN from %s', path)
-  return variables['params']
+  return variables

@@ -27,8 +27,9 @@ class TokenizerSpec:
   downsample_factor: config.model -> pixels per latent cell along each side.
   code_layout: config.model -> CodeLayout, or None for a continuous tokenizer.
   training_modules: the whole config -> the training-only modules its loss switches on.
-  import_weights: (path, config.model) -> params from the authors' released weights, or
-    None when there is no importer (`--mode=import`).
+  import_weights: (path, config.model) -> variables ({'params': ..., plus state
+    collections such as EMA codebooks}) from the authors' released weights, or None when
+    there is no importer (`--mode=import`).
   """
   build: Callable[[ModelConfig], nn.Module]
   downsample_factor: Callable[[ModelConfig], int]
@@ -58,10 +59,16 @@ def spec(model_config: ModelConfig) -> TokenizerSpec:
   return TOKENIZERS[model_config.name]
 
 
-def init_params(model: nn.Module, config: ml_collections.ConfigDict, rng) -> Any:
-  """A tokenizer's params (boxed with logical names) for config.data.image_size images;
-  under `jax.eval_shape`, their shapes alone."""
+def init_variables(model: nn.Module, config: ml_collections.ConfigDict, rng) -> dict:
+  """A tokenizer's variables (boxed with logical names) for config.data.image_size images:
+  {'params': ..., plus its state collections (EMA codebooks)}; under `jax.eval_shape`, their
+  shapes alone."""
   params_rng, noise_rng = jax.random.split(rng)
   size = config.data.image_size
-  return model.init({"params": params_rng, "noise": noise_rng},
-                    jnp.zeros((1, size, size, 3), jnp.float32), train=False)["params"]
+  return dict(model.init({"params": params_rng, "noise": noise_rng},
+                         jnp.zeros((1, size, size, 3), jnp.float32), train=False))
+
+
+def init_params(model: nn.Module, config: ml_collections.ConfigDict, rng) -> Any:
+  """The 'params' collection of `init_variables`."""
+  return init_variables(model, config, rng)["params"]

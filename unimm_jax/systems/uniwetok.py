@@ -40,8 +40,9 @@ def code_layout(model_config: ml_collections.ConfigDict) -> CodeLayout:
 
 
 def import_weights(path: str, model_config: ml_collections.ConfigDict) -> dict:
-  """The authors' autoencoder state dict (safetensors) -> params (`convert/uniwetok_weights`)."""
-  return uniwetok_weights.load_uniwetok_state_dict(path, model_config)
+  """The authors' autoencoder state dict (safetensors) -> variables {'params'}
+  (`convert/uniwetok_weights`)."""
+  return {'params': uniwetok_weights.load_uniwetok_state_dict(path, model_config)}
 
 
 def training_modules(config: ml_collections.ConfigDict) -> list[TrainingModule]:

@@ -2,12 +2,13 @@
 
 An evaluator is built by its task (`task.evaluator(context, writer, workdir)`) from a
 `unimm_jax.parallel.context.MeshContext` (place, gather, activate), the config and the
-task's functions of params, never the trainer; it offers:
-  evaluate(params, step) -> dict of scalars (written to the writers once per step, cached),
-  write_samples(params, step): pictures or text for a human (grids, continuations),
+task's functions of the model's variables, never the trainer; it offers:
+  evaluate(variables, step) -> dict of scalars (written to the writers once per step, cached),
+  write_samples(variables, step): pictures or text for a human (grids, continuations),
   metric_name, headline(scalars) and description: what the console prints at the start and
     end of a run ("held-out PSNR at step 0: 10.35 dB (16 crops, EMA params)").
-`params` are the ones eval uses (`TrainState.eval_params`: the EMA when one is kept).
+`variables` are the ones eval uses (`TrainState.eval_variables`: {'params': the EMA params
+when one is kept, else the params, plus the model's other collections}).
 """
 import abc
 import os
@@ -27,27 +28,27 @@ from unimm_jax.train import metric_logging
 
 
 class _CachedEvaluator(abc.ABC):
-  """Runs `_compute(params)` at most once per step and writes its scalars."""
+  """Runs `_compute(variables)` at most once per step and writes its scalars."""
 
   def __init__(self, writer):
     self.writer, self._step, self._scalars = writer, None, None
 
-  def evaluate(self, params, step: int) -> dict[str, float]:
+  def evaluate(self, variables, step: int) -> dict[str, float]:
     if self._step != step:
-      self._scalars = self._compute(params)
+      self._scalars = self._compute(variables)
       self.writer.write_scalars(step, self._scalars)
       self._step = step
     return self._scalars
 
   @abc.abstractmethod
-  def _compute(self, params) -> dict[str, float]:
-    """The evaluation's scalars for `params`, e.g. {'eval/psnr': 19.5}."""
+  def _compute(self, variables) -> dict[str, float]:
+    """The evaluation's scalars for `variables`, e.g. {'eval/psnr': 19.5}."""
 
 
 class ReconstructionEvaluator(_CachedEvaluator):
-  """PSNR of held-out crops reconstructed with the eval params; grids to TensorBoard + PNG.
+  """PSNR of held-out crops reconstructed with the eval variables; grids to TensorBoard + PNG.
 
-  reconstruct: (params, images (b, h, w, 3)) -> (b, h, w, 3) in [-1, 1].
+  reconstruct: (variables, images (b, h, w, 3)) -> (b, h, w, 3) in [-1, 1].
   """
   metric_name = "PSNR"
 
@@ -64,14 +65,14 @@ class ReconstructionEvaluator(_CachedEvaluator):
     self.reconstruct = jax.jit(reconstruct, out_shardings=context.replicated)
     self.recons = None
 
-  def _compute(self, params) -> dict[str, float]:
+  def _compute(self, variables) -> dict[str, float]:
     with self.context.activate():
-      self.recons = np.asarray(jax.device_get(self.reconstruct(params, self.batch)))
+      self.recons = np.asarray(jax.device_get(self.reconstruct(variables, self.batch)))
     return {"eval/psnr": float(np.mean(image_metrics.psnr(self.images, self.recons,
                                                           data_range=2.0)))}
 
-  def write_samples(self, params, step: int) -> None:
-    self.evaluate(params, step)
+  def write_samples(self, variables, step: int) -> None:
+    self.evaluate(variables, step)
     n = self.config.train.grid_images
     grid = metric_logging.reconstruction_grid(self.images[:n], self.recons[:n])
     self.writer.write_images(step, {"reconstructions": grid[None]})
@@ -115,19 +116,20 @@ class LanguageModelEvaluator(_CachedEvaluator):
     prompt_len = min(config.eval.prompt_tokens, int((first["segment_ids"][0] == 1).sum()))
     self.prompt = first["tokens"][:1, :prompt_len]
 
-  def _compute(self, params) -> dict[str, float]:
+  def _compute(self, variables) -> dict[str, float]:
     totals = {}
     with self.context.activate():
       for batch in self.batches:
-        for name, value in jax.device_get(self.statistics(params, batch)).items():
+        for name, value in jax.device_get(self.statistics(variables["params"],
+                                                          batch)).items():
           totals[name] = totals.get(name, 0.0) + float(value)
     loss = totals["ce_sum"] / max(totals["tokens"], 1.0)
     return {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)),
             "eval/accuracy": totals["correct_sum"] / max(totals["tokens"], 1.0)}
 
-  def write_samples(self, params, step: int) -> None:
-    self.evaluate(params, step)
-    params = jax.device_get(self.context.gather(params))
+  def write_samples(self, variables, step: int) -> None:
+    self.evaluate(variables, step)
+    params = jax.device_get(self.context.gather(variables["params"]))
     new = sampling.generate(self.model, params, self.prompt, self.config.eval.sample_tokens,
                             eos_ids=self.tokenizer.eos_ids)
     text = (self.tokenizer.decode(self.prompt[0].tolist()) + " ⟶ "

@@ -1,4 +1,5 @@
-"""The train state shared by every task: step, params, their EMA and the optimiser state."""
+"""The train state shared by every task: step, params, their EMA, the optimiser state and the
+model's state that gradients do not train (EMA codebooks)."""
 from typing import Any
 
 import flax.struct
@@ -27,20 +28,31 @@ class TrainState:
   # A GAN discriminator with its own optimiser (`train.tasks.adversarial.DiscriminatorState`);
   # None without one. Checkpointed and sharded with the rest.
   discriminator: Any = None
+  # The model's variable collections other than 'params' (EvoTok's `quantizer_state`: EMA
+  # codebooks), by collection name: updated by the forward pass of each train step, not by
+  # the optimiser, and part of the model that eval and inference use. None when it has none.
+  model_state: Any = None
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, module_params: Any = None,
-             discriminator: Any = None, ema: bool = True) -> "TrainState":
+             discriminator: Any = None, ema: bool = True, model_state: Any = None
+             ) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                ema_params=jax.tree.map(jnp.copy, params) if ema else None,
                opt_state=tx.init((params, module_params)),
                nonfinite_steps=jnp.zeros((), jnp.int32), tx=tx, module_params=module_params,
-               discriminator=discriminator)
+               discriminator=discriminator, model_state=model_state)
 
   @property
   def eval_params(self):
     """The params that eval, samples, encode/decode and exports use: the EMA if kept."""
     return self.params if self.ema_params is None else self.ema_params
+
+  @property
+  def eval_variables(self) -> dict:
+    """{'params': eval_params, **model_state}: what `model.apply` takes at eval and
+    inference (the convention of `unimm_jax.convert.load_pretrained`)."""
+    return {"params": self.eval_params, **(self.model_state or {})}
 
   def apply_gradients(self, grads, ema_decay: float, module_grads: Any = None) -> "TrainState":
     trainable = (self.params, self.module_params)

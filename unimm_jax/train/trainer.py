@@ -108,9 +108,10 @@ class Setup:
     return init.lower(self.init_rng).compile(compiler_options)(self.init_rng)
 
   def start_from_run(self, state, workdir: str):
-    """`state` with the params, EMA params and discriminator of the latest checkpoint in
-    `workdir`; step, optimiser state, training-only modules and counters start anew. This is
-    how a curriculum stage starts from the previous stage (`config.train.init_from`)."""
+    """`state` with the params, EMA params, model state and discriminator of the latest
+    checkpoint in `workdir`; step, optimiser state, training-only modules and counters start
+    anew. This is how a curriculum stage starts from the previous stage
+    (`config.train.init_from`)."""
     checkpointer = checkpointing.Checkpointer(workdir, keep=1, save_every=1)
     step = checkpointer.latest_step()
     if step is None:
@@ -121,7 +122,8 @@ class Setup:
     checkpointer.close()
     logging.info("initialised from step %d of %s", step, workdir)
     return state.replace(params=previous.params, ema_params=previous.ema_params,
-                         discriminator=previous.discriminator)
+                         discriminator=previous.discriminator,
+                         model_state=previous.model_state)
 
   @functools.cached_property
   def frozen_shardings(self):
@@ -192,7 +194,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
                                            every_steps=tc.log_every)
 
   unit = setup.task.throughput_unit
-  scalars_start = evaluator.evaluate(state.eval_params, step)
+  scalars_start = evaluator.evaluate(state.eval_variables, step)
   print(f"held-out {evaluator.metric_name} at step {step}: "
         f"{evaluator.headline(scalars_start)} ({evaluator.description})", flush=True)
 
@@ -234,9 +236,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
         print(f"step {step}/{tc.steps} loss {flat['loss']:.4f}{speed}", flush=True)
 
       if step % tc.image_every == 0 or step == tc.steps:
-        evaluator.write_samples(state.eval_params, step)
+        evaluator.write_samples(state.eval_variables, step)
       elif step % tc.eval_every == 0:
-        evaluator.evaluate(state.eval_params, step)
+        evaluator.evaluate(state.eval_variables, step)
 
       if checkpointer.save(step, state, data_iter, config, progress, force=step == tc.steps):
         saved_step = step
@@ -244,7 +246,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
       if saved_step != step:
         checkpointer.save(step, state, data_iter, config, progress, force=True)
     else:
-      scalars_end = evaluator.evaluate(state.eval_params, step)
+      scalars_end = evaluator.evaluate(state.eval_variables, step)
   finally:
     checkpointer.wait()
     checkpointer.close()

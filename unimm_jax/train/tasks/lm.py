@@ -137,7 +137,7 @@ class LMTask:
     step, params = self._restore_eval_params(context, workdir)
     writer = metric_logging.create_writer(workdir)
     evaluator = self.evaluator(context, writer, workdir)
-    scalars = evaluator.evaluate(params, step)
+    scalars = evaluator.evaluate({"params": params}, step)
     writer.close()
     results = {"step": step, "num_tokens": evaluator.num_tokens,
                **{k.removeprefix("eval/"): v for k, v in scalars.items()}}

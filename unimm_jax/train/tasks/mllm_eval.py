@@ -82,16 +82,17 @@ class MLLMEvaluator:
       scalars["eval/generation_check"] = float(np.mean(checks))
     return scalars
 
-  def evaluate(self, params, step: int) -> dict[str, float]:
+  def evaluate(self, variables, step: int) -> dict[str, float]:
+    """Scalars for `variables` ({'params': the eval params}), computed once per step."""
     if self._step != step:
       with self.context.activate():
-        self._scalars = self._compute(params)
+        self._scalars = self._compute(variables["params"])
       self.writer.write_scalars(step, self._scalars)
       self._step = step
     return self._scalars
 
-  def write_samples(self, params, step: int) -> None:
-    self.evaluate(params, step)
+  def write_samples(self, variables, step: int) -> None:
+    self.evaluate(variables, step)
     if self.images is not None:
       grid = metric_logging.image_grid(self.images[:self.task.config.train.grid_images],
                                        columns=4)
@@ -146,8 +147,8 @@ def evaluate_checkpoint(task, context, workdir: str) -> dict:
   step, params = _restore(task, context, workdir)
   writer = metric_logging.create_writer(workdir)
   evaluator = MLLMEvaluator(task, context, writer, workdir)
-  scalars = evaluator.evaluate(params, step)
-  evaluator.write_samples(params, step)
+  scalars = evaluator.evaluate({"params": params}, step)
+  evaluator.write_samples({"params": params}, step)
   writer.close()
   results = {"step": step, **{k.removeprefix("eval/"): v for k, v in scalars.items()}}
   if jax.process_index() == 0:

@@ -29,7 +29,7 @@ from unimm_jax.inference import restore
 from unimm_jax.losses import gan
 from unimm_jax.losses import reconstruction
 from unimm_jax.models import lpips
-from unimm_jax.models.tokenizer_interface import TokenizerOutput
+from unimm_jax.models.tokenizer_interface import train_rngs
 from unimm_jax.systems import tokenizers
 from unimm_jax.train import evaluators
 from unimm_jax.train import metric_logging
@@ -92,18 +92,25 @@ class TokenizerTask:
     return jnp.zeros((1, size, size, 3), jnp.float32)
 
   def init_params(self, rng: jax.Array):
-    """The tokenizer's params alone (boxed), as inference restores them."""
+    """The tokenizer's params alone (boxed)."""
     return tokenizers.init_params(self.model, self.config, rng)
+
+  def init_variables(self, rng: jax.Array) -> dict:
+    """The tokenizer's variables (boxed): {'params', plus its state collections}, as
+    inference restores them."""
+    return tokenizers.init_variables(self.model, self.config, rng)
 
   def init(self, rng: jax.Array) -> TrainState:
     """A fresh state; params stay boxed (`nn.Partitioned`) so shardings can be derived."""
     params_rng, disc_rng, modules_rng = jax.random.split(rng, 3)
-    params = self.init_params(params_rng)
+    variables = self.init_variables(params_rng)
+    params = variables.pop("params")
     discriminator = (self.adversary.init(disc_rng, self._example_images().shape)
                      if self.adversary else None)
     return TrainState.create(params, self.optimizer.tx,
                              module_params=self.init_module_params(modules_rng),
-                             discriminator=discriminator, ema=self.config.ema_decay > 0)
+                             discriminator=discriminator, ema=self.config.ema_decay > 0,
+                             model_state=variables or None)
 
   def init_module_params(self, rng: jax.Array) -> dict | None:
     """Params of the training-only modules by name (boxed), or None without modules."""
@@ -112,7 +119,7 @@ class TokenizerTask:
     images = self._example_images()
     # Shapes of a forward pass only: the modules size their params from its features.
     out = jax.eval_shape(lambda: self.model.apply(
-        {"params": self.init_params(rng)}, images, train=False, rngs={"noise": rng}))
+        self.init_variables(rng), images, train=False, rngs={"noise": rng}))
     rngs = jax.random.split(rng, len(self.modules))
     return {m.name: m.init(r, out, images) for m, r in zip(self.modules, rngs)}
 
@@ -146,12 +153,17 @@ class TokenizerTask:
 
   # ------------------------------------------------------------------------------ loss
 
-  def _terms(self, params, module_params, frozen: dict, images: jax.Array, rng: jax.Array
-             ) -> tuple[TokenizerOutput, dict[str, jax.Array], dict[str, jax.Array]]:
-    """(forward pass, unweighted loss terms, statistics): the model's, the pixel terms and
-    the training-only modules'."""
+  def _terms(self, params, module_params, model_state, frozen: dict, images: jax.Array,
+             rng: jax.Array):
+    """(forward pass, unweighted loss terms, statistics, the updated model state): the
+    model's terms, the pixel terms and the training-only modules'."""
     model_rng, modules_rng = jax.random.split(rng)
-    out = self.model.apply({"params": params}, images, train=True, rngs={"noise": model_rng})
+    variables = {"params": params, **(model_state or {})}
+    if model_state:
+      out, model_state = self.model.apply(variables, images, train=True,
+                                          rngs=train_rngs(model_rng), mutable=list(model_state))
+    else:
+      out = self.model.apply(variables, images, train=True, rngs=train_rngs(model_rng))
     terms = {"l1": reconstruction.l1_loss(out.recon, images),
              "l2": reconstruction.l2_loss(out.recon, images)}
     if "lpips" in frozen:
@@ -169,7 +181,7 @@ class TokenizerTask:
         if name in all_terms:
           raise ValueError(f"loss term {name!r} of {source} is produced twice")
         all_terms[name] = value
-    return out, all_terms, stats
+    return out, all_terms, stats, model_state
 
   def check(self, abstract_state: TrainState) -> None:
     """Start-up checks from shapes only: the param groups, and that every loss term has a
@@ -179,8 +191,9 @@ class TokenizerTask:
                           self.frozen_shapes(), is_leaf=lambda x: hasattr(x, "shape"))
     images = self.batch_shapes()[0]["image"]
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    _, terms, _ = jax.eval_shape(self._terms, abstract_state.params,
-                                 abstract_state.module_params, frozen, images, rng)
+    _, terms, _, _ = jax.eval_shape(self._terms, abstract_state.params,
+                                    abstract_state.module_params, abstract_state.model_state,
+                                    frozen, images, rng)
     weights = {k: v for k, v in self.config.loss.items() if k not in _NOT_TERMS}
     for name in sorted(terms):
       if name not in weights:
@@ -193,15 +206,16 @@ class TokenizerTask:
 
   def _losses(self, params, module_params, state: TrainState, frozen: dict, images, rng):
     """(weighted loss without GAN, GAN generator term), (terms, statistics, recon, the
-    discriminator's BatchNorm statistics)."""
+    discriminator's BatchNorm statistics, the updated model state)."""
     params, module_params = self.optimizer.stop_frozen((params, module_params))
-    out, terms, stats = self._terms(params, module_params, frozen, images, rng)
+    out, terms, stats, model_state = self._terms(params, module_params, state.model_state,
+                                                 frozen, images, rng)
     weights = self.config.loss
     nll = sum(weights[name] * value for name, value in terms.items() if weights[name])
     nll = jnp.asarray(nll, jnp.float32)
     g_loss, disc_stats = (self.adversary.generator_loss(state.discriminator, out.recon)
                           if self.adversary else (jnp.zeros(()), None))
-    return (nll, g_loss), (terms, stats, out.recon, disc_stats)
+    return (nll, g_loss), (terms, stats, out.recon, disc_stats, model_state)
 
   def train_step(self, state: TrainState, frozen: dict, batch: dict, rng: jax.Array):
     """One generator (and discriminator) update. Returns (state, metrics).
@@ -213,7 +227,7 @@ class TokenizerTask:
     rng = jax.random.fold_in(rng, state.step)
     images = batch["image"]
     # Gradients reach the tokenizer and the training-only modules alike.
-    (nll, g_loss), vjp, (terms, metrics, recon, disc_stats) = jax.vjp(
+    (nll, g_loss), vjp, (terms, metrics, recon, disc_stats, model_state) = jax.vjp(
         lambda p, m: self._losses(p, m, state, frozen, images, rng), state.params,
         state.module_params, has_aux=True)
     metrics.update(terms)
@@ -242,8 +256,8 @@ class TokenizerTask:
     grad_norm = optax.tree.norm(grads)
     ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
           & jnp.isfinite(optax.tree.norm(module_grads)))
-    new_state = state.apply_gradients(grads, self.config.ema_decay,
-                                      module_grads).replace(discriminator=discriminator)
+    new_state = state.apply_gradients(grads, self.config.ema_decay, module_grads).replace(
+        discriminator=discriminator, model_state=model_state)
     new_state = keep_if_finite(new_state, state, ok)
     metrics.update(loss=loss, grad_norm=grad_norm, lr=self.optimizer.schedule(state.step),
                    nonfinite=(~ok).astype(jnp.int32))
@@ -255,9 +269,10 @@ class TokenizerTask:
     return evaluators.ReconstructionEvaluator(
         context, self.config, image_codec.reconstruct(self.model), writer, workdir)
 
-  def _restore_eval_params(self, context, workdir: str):
+  def _restore_eval_variables(self, context, workdir: str):
     rng = jax.random.key(0)
-    return restore.restore_eval_params(workdir, jax.eval_shape(self.init_params, rng), context)
+    return restore.restore_eval_variables(workdir, jax.eval_shape(self.init_variables, rng),
+                                          context)
 
   def evaluate_checkpoint(self, context, workdir: str) -> dict:
     """`--mode=eval` (see `tokenizer_eval.evaluate`)."""
@@ -267,30 +282,31 @@ class TokenizerTask:
       writer.close()
     return results
 
-  def _codes_params(self, context, workdir: str, mode: str):
-    """The eval params for a mode that reads or writes discrete codes."""
+  def _codes_variables(self, context, workdir: str, mode: str):
+    """The eval variables for a mode that reads or writes discrete codes."""
     if self.layout is None:
       raise ValueError(f"--mode={mode} works on discrete codes; config.model.name="
                        f"{self.config.model.name!r} is a continuous tokenizer")
-    return self._restore_eval_params(context, workdir)[1]
+    return self._restore_eval_variables(context, workdir)[1]
 
   def encode_folder(self, context, workdir: str, input_dir: str, output_file: str) -> str:
     """`--mode=encode`: every image below input_dir to codes in output_file (.npz)."""
-    params = self._codes_params(context, workdir, "encode")
-    encode = jax.jit(lambda images: image_codec.encode(self.model)(params, images))
+    variables = self._codes_variables(context, workdir, "encode")
+    encode = jax.jit(lambda images: image_codec.encode(self.model)(variables, images))
     n = image_codec.encode_folder(encode, input_dir, output_file,
                                   self.spec.downsample_factor(self.config.model), self.layout)
     return f"encoded {n} images from {input_dir} into {output_file}"
 
   def decode_file(self, context, workdir: str, input_file: str, output_dir: str) -> str:
     """`--mode=decode`: a codes .npz of `encode_folder` back to PNGs in output_dir."""
-    params = self._codes_params(context, workdir, "decode")
-    decode = jax.jit(lambda codes: image_codec.decode(self.model)(params, codes))
+    variables = self._codes_variables(context, workdir, "decode")
+    decode = jax.jit(lambda codes: image_codec.decode(self.model)(variables, codes))
     n = image_codec.decode_file(decode, input_file, output_dir)
     return f"decoded {n} images from {input_file} into {output_dir}"
 
-  def import_params(self, path: str):
-    """`--mode=import`: params from the authors' released weights at `path`."""
+  def import_variables(self, path: str) -> dict:
+    """`--mode=import`: variables ({'params', plus state collections}) from the authors'
+    released weights at `path`."""
     if self.spec.import_weights is None:
       raise ValueError(f"--mode=import: no importer of the authors' weights for "
                        f"config.model.name={self.config.model.name!r}")

@@ -49,8 +49,8 @@ def evaluate(task, context, workdir: str, writer) -> dict:
     classes = zero_shot.load_class_embeddings(classes_path)
     fields["module_params"] = {
         module.name: jax.eval_shape(task.init_module_params, rng)[module.name]}
-  step, params = restore.restore_eval_params(workdir, jax.eval_shape(task.init_params, rng),
-                                             context)
+  step, variables = restore.restore_eval_variables(
+      workdir, jax.eval_shape(task.init_variables, rng), context)
   if fields:
     _, restored = restore.restore_fields(workdir, fields, context, step)
     module_params = restored["module_params"][module.name]
@@ -70,16 +70,16 @@ def evaluate(task, context, workdir: str, writer) -> dict:
   if classes is not None:
     def embed(images):
       """(b, h, w, 3) -> (b, d): the module's embedding of the EMA tokenizer's tokens."""
-      out = model.apply({"params": params}, images, train=False, method="encode")
+      out = model.apply(variables, images, train=False, method="encode")
       return module.image_embedding(module_params, out)
     zero_shot_eval = (context.on_mesh(embed), classes)
   layout = task.layout
   results = reconstruction_eval.evaluate_reconstruction(
       pipeline.iter_eval_batches(config.data, ec.num_images, ec.batch_size,
                                  with_labels=classes is not None), ec.batch_size,
-      reconstruct=context.on_mesh(lambda x: image_codec.reconstruct(model)(params, x)),
+      reconstruct=context.on_mesh(lambda x: image_codec.reconstruct(model)(variables, x)),
       encode=(None if layout is None
-              else context.on_mesh(lambda x: image_codec.encode(model)(params, x))),
+              else context.on_mesh(lambda x: image_codec.encode(model)(variables, x))),
       codebook_size=None if layout is None else layout.codebook_size,
       lpips_distance=lpips_distance, inception_features=inception_features,
       zero_shot=zero_shot_eval)
