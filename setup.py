@@ -37,6 +37,7 @@ setuptools.setup(
         # Parity tests against PyTorch references. Pinned: 2.13.0 is the CPU build on
         # this project's machines; an unpinned torch pulls a multi-GB CUDA build.
         # transformers writes the tiny HF checkpoints the import tests load and compare against.
-        "torch": ["torch==2.13.0", "transformers>=5.0"],
+        # vector-quantize-pytorch: the residual VQ the RVQ lookup is compared with (test, bench).
+        "torch": ["torch==2.13.0", "transformers>=5.0", "vector-quantize-pytorch>=1.32.0"],
     },
 )
