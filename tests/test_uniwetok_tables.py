@@ -2,24 +2,21 @@
 
 Rows whose tiny configs are identical (Table 6 rows 2 and 3; rows that differ only in the
 batch size, which tiny keeps) share one run. Each distinct config compiles its train step
-once, with XLA's backend optimisations off (same results, a third of the compile time; the
-same for the state's init, 12 s -> 4 s), and takes two steps on synthetic images with a tiny SigLIP teacher written by transformers.
+once, with XLA's backend optimisations off (`conftest.train_steps_in_process`), and takes
+two steps on random images with a tiny SigLIP teacher written by transformers.
 """
 import collections
 
-import jax
 import numpy as np
 import pytest
 
-from conftest import read_metrics, run_main
+from conftest import read_metrics, run_main, train_steps_in_process
 from unimm_jax import config_defaults
-from unimm_jax.train import trainer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
 ROWS = sorted(config_defaults.load_config_module("configs/uniwetok.py").TABLE_ROWS)
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _tiny_row(row: str, teacher: str = ""):
@@ -50,16 +47,7 @@ def tiny_teacher(tmp_path_factory):
 @pytest.mark.parametrize("rows", _distinct_rows(), ids=lambda rows: "=".join(rows))
 def test_row_trains_two_steps(rows, tiny_teacher):
   config = _tiny_row(rows[0], tiny_teacher)
-  setup = trainer.Setup(config)
-  state = setup.init_state(_FAST_COMPILE)
-  images = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
-  batch = {"image": setup.global_images(images, host_local=True)}
-  with setup.activate():
-    step = setup.compile_train_step().lower(state, setup.frozen, batch, setup.train_rng)
-    step = step.compile(compiler_options=_FAST_COMPILE)
-    for _ in range(2):
-      state, metrics = step(state, setup.frozen, batch, setup.train_rng)
-  metrics = jax.device_get(metrics)
+  state, metrics = train_steps_in_process(config, 2)
   expected = {"pre_distill": config.loss.pre_distill, "post_distill": config.loss.post_distill,
               "gap": config.loss.gap}
   for name, weight in expected.items():

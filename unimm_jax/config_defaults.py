@@ -180,7 +180,8 @@ def _uses_teacher(config: ml_collections.ConfigDict) -> bool:
              for term in _TEACHER_LOSSES)
 
 
-_TEACHER_LOSSES = ("pre_distill", "post_distill")  # config.loss terms that read the teacher
+# config.loss terms that read the teacher (UniWeTok's distillation, EvoTok's alignment).
+_TEACHER_LOSSES = ("pre_distill", "post_distill", "semantic", "semantic_fold")
 
 
 def sharding_rules(config: ml_collections.ConfigDict) -> tuple:
@@ -230,7 +231,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.teacher.feature={config.teacher.feature!r} is not 'pooled', "
                      "'last' or 'hidden:K'")
   if _uses_teacher(config) and not config.teacher.path:
-    raise ValueError("config.loss.pre_distill / post_distill need a teacher: set "
+    raise ValueError("config.loss.pre_distill / post_distill / semantic / semantic_fold need "
+                     "a teacher: set "
                      "config.teacher.path to a SigLIP/SigLIP2/DINOv2/CLIP checkpoint directory "
                      "(README: Pretrained ViTs and teachers)")
   if _has(config, "teacher.path") and config.teacher.path and not _uses_teacher(config):

@@ -92,7 +92,7 @@ def model_config_from_hf(vq: dict, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def _torch_key(path: tuple[str, ...]) -> tuple[str, str]:
+def taming_key(path: tuple[str, ...]) -> tuple[str, str]:
   """(their key, transform kind) of our parameter path (see the module docstring)."""
   parts = []
   for name in path[:-1]:
@@ -117,7 +117,7 @@ def _torch_key(path: tuple[str, ...]) -> tuple[str, str]:
       'conv' if leaf == 'kernel' else 'plain')
 
 
-def _transform(kind: str):
+def taming_transform(kind: str):
   """A view-making numpy transform from their tensor to our parameter."""
   if kind == 'conv':
     return lambda w: w.transpose(2, 3, 1, 0)
@@ -155,14 +155,14 @@ def _converted(model: chameleon_vqgan.ChameleonVQGAN, read: Reader, where: str,
   initial = _initialised_decoder(model) if decoder_read is None else {}
   flat = {}
   for path in _abstract_params(model, example):
-    key, kind = _torch_key(path)
+    key, kind = taming_key(path)
     if path in initial:
       value = initial[path]
       flat[path] = LazyArray(shape=value.shape, source=f'initialised {"/".join(path)}',
                              view=lambda value=value: value)
     else:
       reader = decoder_read if path[0] == 'decoder' else read
-      flat[path] = reader(key, _transform(kind))
+      flat[path] = reader(key, taming_transform(kind))
   if initial:
     logging.warning('%s holds no decoder: decoder initialised (seed 0); pass decoder_path= '
                     'to import one', where)
@@ -170,22 +170,12 @@ def _converted(model: chameleon_vqgan.ChameleonVQGAN, read: Reader, where: str,
                    example_inputs=(example,), initialised=('decoder',) if initial else ())
 
 
-def _state_dict_file(path: str) -> HFCheckpoint:
-  """A bare safetensors state dict, readable by `Reader` like a checkpoint directory."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: no such safetensors file')
-  checkpoint = HFCheckpoint.__new__(HFCheckpoint)
-  checkpoint.path, checkpoint.config = os.path.abspath(path), {}
-  checkpoint.tensors = hf_checkpoint._memmap_file(path)  # pylint: disable=protected-access
-  return checkpoint
-
-
 def _decoder_reader(decoder_path: str | None) -> Reader | None:
   """A Reader of `decoder.*` in decoder_path (which wins over a decoder in the directory);
   its other tensors must be a VQModel's, and are not read."""
   if decoder_path is None:
     return None
-  read = Reader(_state_dict_file(decoder_path))
+  read = Reader(hf_checkpoint.state_dict_file(decoder_path))
   allowed = ('decoder.', 'encoder.', 'quant_conv.', 'post_quant_conv.', 'quantize.',
              _TRAINING_ONLY)
   stray = sorted(k for k in read.checkpoint.tensors if not k.startswith(allowed))
@@ -246,7 +236,7 @@ def _placed(converted: Converted) -> tuple[chameleon_vqgan.ChameleonVQGAN, dict]
 def load_state_dict(path: str, model_config: ml_collections.ConfigDict) -> dict:
   """The authors' VQModel state dict (one safetensors file, taming names, decoder included)
   -> params (unboxed) of `ChameleonVQGAN(model_config)`; `loss.*` tensors are skipped."""
-  read = Reader(_state_dict_file(path))
+  read = Reader(hf_checkpoint.state_dict_file(path))
   if not any(k.startswith('decoder.') for k in read.checkpoint.tensors):
     raise ValueError(f'{path}: no decoder.* tensors (a transformers ChameleonVQVAE has none: '
                      'import its directory with unimm_jax.convert.load_pretrained)')

@@ -87,6 +87,17 @@ class HFCheckpoint:
     return self.tensors[key]
 
 
+def state_dict_file(path: str) -> HFCheckpoint:
+  """A bare safetensors state dict (an authors' checkpoint), readable by `Reader` like a
+  checkpoint directory (with an empty config)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such safetensors file')
+  checkpoint = HFCheckpoint.__new__(HFCheckpoint)
+  checkpoint.path, checkpoint.config = os.path.abspath(path), {}
+  checkpoint.tensors = _memmap_file(path)
+  return checkpoint
+
+
 @dataclasses.dataclass(frozen=True)
 class LazyArray:
   """One of our parameters as a view of checkpoint tensors, read slice by slice.

@@ -1,4 +1,5 @@
-"""Cosine feature distillation and UniWeTok's Pre-Post Distillation (paper eqs 4-6).
+"""Cosine feature distillation (plain, and EvoTok's folded form) and UniWeTok's Pre-Post
+Distillation (paper eqs 4-6).
 
   L_pre  = 1 - cos(u_G, f_T),  u_G = AttnPool_pre(U_G)    (eq 4, pre-quantization latents)
   L_post = 1 - cos(u_Q, f_T),  u_Q = AttnPool_post(U_Q)   (eq 5, straight-through quantized)
@@ -40,6 +41,18 @@ def cosine_distillation_loss(student: jax.Array, teacher: jax.Array,
   teacher = jax.lax.stop_gradient(teacher)
   cosine = jnp.sum(_unit(student, eps) * _unit(teacher, eps), axis=-1)
   return jnp.mean(1.0 - cosine)
+
+
+def folded_cosine_loss(student: jax.Array, teacher: jax.Array, folds: int,
+                       eps: float = COSINE_EPS) -> jax.Array:
+  """`cosine_distillation_loss` over `folds` equal chunks of the last axis: each token's
+  (D,) vectors are split into (folds, D / folds) and every chunk is compared on its own
+  (EvoTok's 'fold' term; folds=1 is the plain cosine). Shapes (..., D), D % folds == 0."""
+  if student.shape[-1] % folds:
+    raise ValueError(f'folded_cosine_loss: width {student.shape[-1]} is not a multiple of '
+                     f'folds={folds}')
+  chunks = lambda x: x.reshape(x.shape[:-1] + (folds, x.shape[-1] // folds))
+  return cosine_distillation_loss(chunks(student), chunks(teacher), eps)
 
 
 def pre_post_distillation(teacher: jax.Array, pre_embedding: jax.Array | None,

@@ -12,8 +12,8 @@ Images are float32 in [-1, 1], NHWC.
 The task weights every entry of `losses` by `config.loss[name]`, logs `stats`, and hands
 `features` to the training-only modules (`TrainingModule`): networks trained by the
 tokenizer's loss beside it but not part of it, neither exported nor run at inference
-(UniWeTok's distillation heads and generative prior; EvoTok's semantic branch and MingTok's
-masked-prediction heads are the next).
+(UniWeTok's distillation heads and generative prior; EvoTok's teacher alignment, which has
+no params of its own: its semantic decoder is part of the tokenizer).
 """
 import abc
 import dataclasses

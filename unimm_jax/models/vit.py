@@ -63,6 +63,11 @@ class ViTConfig:
   activation: str = 'gelu_pytorch_tanh'
   swiglu: bool = False  # DINOv2-giant's gated MLP (bias on every projection)
   use_head: bool = True  # SigLIP / SigLIP2: the attention-probe pooling head exists
+  # False: no LayerNorm after the blocks (nor a head); last_hidden_state is the last block's
+  # output. For encoders that read an inner layer (EvoTok's hidden_states[-2]) and so drop
+  # the layers above it.
+  final_norm: bool = True
+  head_dim: int = 0  # width of a head; 0 = hidden_size // num_heads (BEiT: may not divide)
   dtype: Dtype = jnp.float32  # compute dtype; params keep theirs
   scan_layers: bool = False
   remat: bool = False
@@ -74,9 +79,9 @@ class ViTConfig:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f'ViTConfig.activation={self.activation!r} is not one of '
                        f'{sorted(ACTIVATIONS)}')
-    if self.hidden_size % self.num_heads:
+    if not self.head_dim and self.hidden_size % self.num_heads:
       raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_heads '
-                       f'{self.num_heads}')
+                       f'{self.num_heads}; set head_dim')
 
   @property
   def grid_size(self) -> int:
@@ -118,8 +123,9 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     c = self.config
-    h = MultiHeadAttention(c.num_heads, qkv_bias=True, out_bias=True,
-                           implementation=c.attention_impl, dtype=c.dtype, name='attention')(
+    h = MultiHeadAttention(c.num_heads, head_dim=c.head_dim or None, qkv_bias=True,
+                           out_bias=True, implementation=c.attention_impl, dtype=c.dtype,
+                           name='attention')(
                                _layer_norm(c, 'norm1')(x), key_mask=key_mask)
     if c.family == 'dinov2':
       h = h * self.param('layer_scale1', initializers.ones('embed'), (x.shape[-1],)).astype(c.dtype)
@@ -173,7 +179,9 @@ class VisionTransformer(nn.Module):
         hidden_states.append(layer_cls(c, name=f'layers_{i}')(hidden_states[-1], key_mask)[0])
       last, hidden_states = hidden_states[-1], tuple(hidden_states)
 
-    if c.family == 'clip':
+    if not c.final_norm:
+      pooled = None
+    elif c.family == 'clip':
       pooled = _layer_norm(c, 'final_norm')(last[:, 0])
     else:
       last = _layer_norm(c, 'final_norm')(last)

@@ -14,6 +14,7 @@ import ml_collections
 
 from unimm_jax.models.tokenizer_interface import CodeLayout, TrainingModule
 from unimm_jax.systems import chameleon_vqgan
+from unimm_jax.systems import evotok
 from unimm_jax.systems import uniwetok
 
 ModelConfig = ml_collections.ConfigDict
@@ -48,6 +49,10 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
                                      code_layout=chameleon_vqgan.code_layout,
                                      training_modules=chameleon_vqgan.training_modules,
                                      import_weights=chameleon_vqgan.import_weights),
+    "evotok": TokenizerSpec(build=evotok.build, downsample_factor=evotok.downsample_factor,
+                            code_layout=evotok.code_layout,
+                            training_modules=evotok.training_modules,
+                            import_weights=evotok.import_weights),
 }
 
 

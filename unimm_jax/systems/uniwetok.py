@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from unimm_jax.convert import teacher as teacher_loader
 from unimm_jax.convert import uniwetok_weights
-from unimm_jax.convert.pretrained import load_pretrained
 from unimm_jax.losses import distillation
 from unimm_jax.models import gap_prior
 from unimm_jax.models import uniwetok
 from unimm_jax.models.distillation_heads import PrePostHeads
 from unimm_jax.models.tokenizer_interface import CodeLayout, TokenizerOutput, TrainingModule
+from unimm_jax.systems.teacher_module import TeacherModule
 
 
 def build(model_config: ml_collections.ConfigDict) -> uniwetok.UniWeTok:
@@ -58,7 +57,7 @@ def _zeros(struct) -> jax.Array:
   return jnp.zeros(struct.shape, struct.dtype)
 
 
-class PrePostDistillation(TrainingModule):
+class PrePostDistillation(TeacherModule):
   """Pre-Post Distillation (eqs 4-6): loss terms `pre_distill`, `post_distill` (each only
   when its weight is on). Reads features['pre_quant'] (U_G) and the latents (U_Q)."""
   name = "distillation_heads"
@@ -66,8 +65,7 @@ class PrePostDistillation(TrainingModule):
   provides_embedding = True
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.teacher_config = config.teacher
-    self.teacher = teacher_loader.build_teacher(config.teacher)
+    super().__init__(config.teacher)
     if self.teacher.feature != "pooled":
       raise ValueError("Pre-Post Distillation compares pooled embeddings: set "
                        "config.teacher.feature='pooled'")
@@ -91,18 +89,6 @@ class PrePostDistillation(TrainingModule):
     """(b, d_T) embedding of the discrete tokens U_Q (see PrePostHeads.zero_shot_embedding)."""
     return self.heads.apply({"params": params}, out.latents,
                             method=self.heads.zero_shot_embedding)
-
-  def frozen_shapes(self, images):
-    dtype = self.teacher.model.config.dtype
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    variables = jax.eval_shape(
-        lambda r, x: self.teacher.model.init(r, *self.teacher.model_inputs(x)), rng, images)
-    return {"teacher": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), variables)}
-
-  def load_frozen(self):
-    dtype = self.teacher.model.config.dtype
-    _, variables = load_pretrained(self.teacher_config.path, param_dtype=dtype, dtype=dtype)
-    return {"teacher": variables}
 
 
 class GenerativeAwarePrior(TrainingModule):

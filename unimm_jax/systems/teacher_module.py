@@ -1,0 +1,34 @@
+"""The frozen-teacher half of a training-only module: what the tokenizer task hands it.
+
+A module that compares the tokenizer's features with a frozen pretrained ViT (UniWeTok's
+Pre-Post Distillation, EvoTok's semantic alignment) subclasses `TeacherModule`: the teacher
+is built from `config.teacher` (`unimm_jax.convert.teacher`), its weights are loaded once
+per run as the frozen network `teacher`, and `self.teacher(frozen['teacher'], images)` gives
+its features.
+"""
+import jax
+import ml_collections
+
+from unimm_jax.convert import teacher as teacher_loader
+from unimm_jax.convert.pretrained import load_pretrained
+from unimm_jax.models.tokenizer_interface import TrainingModule
+
+
+class TeacherModule(TrainingModule):
+  """A TrainingModule that reads the frozen teacher of `teacher_config` (config.teacher)."""
+
+  def __init__(self, teacher_config: ml_collections.ConfigDict):
+    self.teacher_config = teacher_config
+    self.teacher = teacher_loader.build_teacher(teacher_config)
+
+  def frozen_shapes(self, images):
+    dtype = self.teacher.model.config.dtype
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    variables = jax.eval_shape(
+        lambda r, x: self.teacher.model.init(r, *self.teacher.model_inputs(x)), rng, images)
+    return {"teacher": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), variables)}
+
+  def load_frozen(self):
+    dtype = self.teacher.model.config.dtype
+    _, variables = load_pretrained(self.teacher_config.path, param_dtype=dtype, dtype=dtype)
+    return {"teacher": variables}
