@@ -9,12 +9,16 @@ Variants, chosen by the text after the colon (comma-separated, applied in order)
           Adam 1e-4 (0.9, 0.95), clip 1, batch 256, 500k steps, random crop + flip. Needs
           --config.teacher.path (a transformers siglip2-large-patch16-256 directory; the
           authors' teacher) and --config.lpips.path.
-  demo    a small EvoTok on 32 px built-in scenes that trains on 2 CPU cores.
+  demo    a small EvoTok on 64 px crops of the built-in photos that trains on 2 CPU cores.
   tiny    tests: 32 px, a 3-layer encoder, 4 levels of 16 codes.
   table4_row1..3   Table 4: (L_pix, L_sem) = (4, 4) entangled, (16, 4) semantic-to-pixel,
                    (4, 16) pixel-to-semantic (the paper's choice) at 16 levels; as quarters
                    of num_levels at other sizes, so give them after the size
                    (`tiny,table4_row2`).
+  table5_row1..4   Table 5's decoupling: (1) none ((4, 4), = table4_row1), (2) layer-wise:
+                   pixels from a shallower encoder layer with their own quantizer, (3)
+                   branch-wise: from a second encoder, (4) the paper's evolution
+                   (= table4_row3); after a size.
 
 The semantic terms need a teacher whose token grid is the encoder's and whose width is
 model.semantic.out_width (paper: the same SigLIP2-L/16-256); `semantic=0, semantic_fold=0`
@@ -36,6 +40,11 @@ def _paper_model() -> ml_collections.ConfigDict:
       codebook_size=32768,  # K per level (separate codebooks)
       pixel_depth=4,  # L_pix: f_pix, the sum of the first L_pix levels, feeds the pixel decoder
       semantic_depth=16,  # L_sem: f_sem feeds the semantic decoder
+      # Table 5: 'evolution' (the paper's one trajectory), 'layer' (f_pix from a second
+      # quantizer on hidden_states[pixel_layer]) or 'branch' (on a second encoder); see
+      # models/evotok.py. Decoupled, num_levels = pixel_depth + semantic_depth.
+      decoupling="evolution",
+      pixel_layer=6,  # 'layer': a quarter of the way up the 24 layers (our choice)
       decay=0.99,  # EMA of the codebooks
       vq_warmup=2000,  # updates before the EMA embedding sums follow the batch
       dead_code_threshold=1.0,  # codes whose EMA count falls below it restart (0: never)
@@ -91,25 +100,26 @@ def _paper(config):
   del config  # get_config's defaults are the paper's
 
 
-def _small(config, *, levels: int, codes: int, code_dim: int, pixel_depth: int):
-  """A CPU-sized EvoTok on 32 px images: 4 x 4 tokens of 8 px."""
+def _small(config, *, size: int, levels: int, codes: int, code_dim: int, pixel_depth: int):
+  """A CPU-sized EvoTok on `size` px images: tokens of 8 px."""
   m = config.model
   m.update(dict(num_levels=levels, codebook_size=codes, code_dim=code_dim,
                 pixel_depth=pixel_depth, semantic_depth=levels, vq_warmup=0,
                 lookup_chunk=codes))
   m.encoder.update(dict(hidden_size=32, num_layers=3, num_heads=2, mlp_dim=64, patch_size=8,
-                        image_size=32))
+                        image_size=size))
+  m.pixel_layer = 1
   m.semantic.update(dict(width=24, depth=1, num_heads=3, out_width=32))
   m.decoder.update(dict(ch=32, ch_mult=(1, 1, 1, 2), num_res_blocks=0, z_channels=32))
   config.loss.perceptual = 0.0
   config.loss.gan = 0.0
   config.disc.ndf = 8
-  config.data.image_size = 32
+  config.data.image_size = size
   config.data.num_workers = 0
 
 
 def _tiny(config):
-  _small(config, levels=4, codes=16, code_dim=8, pixel_depth=2)
+  _small(config, size=32, levels=4, codes=16, code_dim=8, pixel_depth=2)
   # No SigLIP weights ship offline: tests write a tiny random one and set teacher.path.
   config.loss.semantic = config.loss.semantic_fold = 0.0
   config.data.source = "synthetic"
@@ -117,12 +127,16 @@ def _tiny(config):
 
 
 def _demo(config):
-  _small(config, levels=8, codes=256, code_dim=16, pixel_depth=4)
+  """64 px crops of scikit-image's photos (held-out photos for eval), 8 x 8 tokens of 8
+  levels x 256 codes. No teacher weights ship offline, so the semantic terms are off unless
+  --config.teacher.path and the loss weights turn them on."""
+  _small(config, size=64, levels=8, codes=256, code_dim=16, pixel_depth=4)
   config.loss.semantic = config.loss.semantic_fold = 0.0
-  config.data.source = "scenes"
+  config.data.source = "builtin"
   config.optim.lr = 1e-3
-  config.train.update(dict(batch_size=32, steps=1500, log_every=50, image_every=500,
-                           checkpoint_every=500, eval_every=500))
+  config.train.update(dict(batch_size=16, steps=1000, log_every=50, image_every=500,
+                           checkpoint_every=500, eval_every=500, eval_num_images=16))
+  config.eval.update(dict(num_images=64, batch_size=16))
 
 
 def _depths(pixel_quarters: int, semantic_quarters: int):
@@ -135,6 +149,16 @@ def _depths(pixel_quarters: int, semantic_quarters: int):
   return apply
 
 
+def _decoupled(decoupling: str):
+  """Table 5 rows 2-3: separate pixel (a quarter of num_levels) and semantic (num_levels)
+  quantizers; num_levels becomes their sum. Apply after the size variant."""
+  def apply(config):
+    m = config.model
+    m.pixel_depth, m.semantic_depth = max(1, m.num_levels // 4), m.num_levels
+    m.num_levels, m.decoupling = m.pixel_depth + m.semantic_depth, decoupling
+  return apply
+
+
 _VARIANTS = {
     "paper": _paper,
     "demo": _demo,
@@ -142,4 +166,8 @@ _VARIANTS = {
     "table4_row1": _depths(1, 1),
     "table4_row2": _depths(4, 1),
     "table4_row3": _depths(1, 4),
+    "table5_row1": _depths(1, 1),  # no decoupling: pixels and semantics on one depth
+    "table5_row2": _decoupled("layer"),
+    "table5_row3": _decoupled("branch"),
+    "table5_row4": _depths(1, 4),  # the paper's pixel-to-semantic evolution
 }

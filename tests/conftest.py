@@ -126,6 +126,34 @@ def full_run(tmp_path_factory):
   return workdir, proc
 
 
+EVOTOK_TINY = "configs/evotok.py:tiny"
+
+
+def evotok_teacher_flags(teacher: str) -> tuple[str, ...]:
+  """Overrides that switch tiny EvoTok's semantic terms on against `teacher`."""
+  return (f"--config.teacher.path={teacher}", "--config.loss.semantic=1.0",
+          "--config.loss.semantic_fold=1.0")
+
+
+@pytest.fixture(scope="session")
+def evotok_teacher(tmp_path_factory):
+  """A SigLIP vision tower written by transformers as tiny EvoTok's semantic teacher: hidden
+  32 (its semantic out_width), 32 px with patch 8 (the encoder's 4 x 4 grid)."""
+  transformers = pytest.importorskip("transformers")
+  path = tmp_path_factory.mktemp("evotok_teacher")
+  transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      image_size=32, patch_size=8)).save_pretrained(path)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def evotok_run(tmp_path_factory, evotok_teacher):
+  """Tiny EvoTok with its semantic terms, 4 steps, checkpoints at 2 and 4."""
+  workdir = tmp_path_factory.mktemp("evotok_run")
+  return workdir, run_main(workdir, *evotok_teacher_flags(evotok_teacher), config=EVOTOK_TINY)
+
+
 @pytest.fixture(scope="session")
 def eight_device_run(tmp_path_factory):
   """The same 4 steps in one process with 8 devices (data 8): the multi-device reference."""

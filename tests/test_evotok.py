@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import (_saved_state_arrays, assert_same_saved_state, read_metrics, run_main,
-                      train_steps_in_process)
+from conftest import (EVOTOK_TINY, _saved_state_arrays, assert_same_saved_state,
+                      evotok_teacher_flags, read_metrics, run_main, train_steps_in_process)
 from unimm_jax import config_defaults
 from unimm_jax.convert import evotok_weights
 from unimm_jax.inference import image_codec
@@ -27,7 +27,7 @@ from unimm_jax.train import from_checkpoint
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 STATE_DICT = os.path.join(FIXTURES, "evotok_tiny_state_dict.safetensors")
 REFERENCE = np.load(os.path.join(FIXTURES, "evotok_tiny_reference.npz"))
-TINY = "configs/evotok.py:tiny"
+TINY = EVOTOK_TINY
 
 
 def fixture_model_config() -> ml_collections.ConfigDict:
@@ -128,30 +128,6 @@ def test_import_mode_writes_a_run_that_encodes_like_theirs(tmp_path):
       jax.jit(image_codec.encode(model))(variables, REFERENCE["images"]), REFERENCE["codes"])
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-  """A SigLIP vision tower (hidden 32 = tiny's semantic out_width; 32 px, patch 8: the
-  encoder's 4 x 4 grid) as the semantic teacher."""
-  transformers = pytest.importorskip("transformers")
-  path = tmp_path_factory.mktemp("evotok_teacher")
-  transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
-      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-      image_size=32, patch_size=8)).save_pretrained(path)
-  return str(path)
-
-
-def _with_teacher(teacher: str) -> tuple[str, ...]:
-  return (f"--config.teacher.path={teacher}", "--config.loss.semantic=1.0",
-          "--config.loss.semantic_fold=1.0")
-
-
-@pytest.fixture(scope="module")
-def evotok_run(tmp_path_factory, tiny_teacher):
-  """4 steps of tiny with the semantic terms on, checkpoints at 2 and 4."""
-  workdir = tmp_path_factory.mktemp("evotok_run")
-  return workdir, run_main(workdir, *_with_teacher(tiny_teacher), config=TINY)
-
-
 @pytest.mark.e2e
 def test_run_logs_every_term_and_updates_the_codebooks(evotok_run):
   workdir, _ = evotok_run
@@ -167,15 +143,30 @@ def test_run_logs_every_term_and_updates_the_codebooks(evotok_run):
 
 
 @pytest.mark.e2e
-def test_resume_is_bit_identical_codebooks_included(evotok_run, tiny_teacher, tmp_path):
+def test_resume_is_bit_identical_codebooks_included(evotok_run, evotok_teacher, tmp_path):
   """A copy of the run without its step-4 checkpoint resumes from step 2 to the same state."""
   workdir = tmp_path / "run"
   shutil.copytree(evotok_run[0], workdir)
   shutil.rmtree(workdir / "checkpoints" / "4")
-  resumed = run_main(workdir, *_with_teacher(tiny_teacher), config=TINY)
+  resumed = run_main(workdir, *evotok_teacher_flags(evotok_teacher), config=TINY)
   assert "resumed from step 2" in resumed.stderr
   assert any("quantizer_state" in k for k in _saved_state_arrays(workdir, 4))
   assert_same_saved_state(workdir, evotok_run[0], 4)
+
+
+@pytest.mark.e2e
+def test_eval_mode_reports_the_residual_trajectory(evotok_run, evotok_teacher):
+  """Fig. 5b: reconstruction metrics and the semantic cosine for every depth d = 1..L."""
+  workdir, _ = evotok_run
+  run_main(workdir, *evotok_teacher_flags(evotok_teacher), "--config.eval.num_images=8",
+           "--config.eval.batch_size=8", config=TINY, mode="eval")
+  with open(os.path.join(workdir, "eval_4.json")) as f:
+    trajectory = json.load(f)["trajectory"]
+  levels = config_defaults.load_config(TINY).model.num_levels
+  assert [t["depth"] for t in trajectory] == list(range(1, levels + 1))
+  for entry in trajectory:
+    assert np.isfinite(entry["psnr"]) and -1.0 <= entry["feature_cosine"] <= 1.0
+  assert os.path.getsize(os.path.join(workdir, "eval_4_trajectory.png")) > 0
 
 
 @pytest.mark.e2e
@@ -192,13 +183,35 @@ def test_trained_run_encodes_and_decodes_with_its_codebooks(evotok_run):
   np.testing.assert_allclose(decoded, jnp.clip(out.recon, -1, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["table4_row1", "table4_row2", "table4_row3"])
-def test_table4_rows_train_at_tiny_size(variant):
-  config = config_defaults.load_config(f"{TINY},{variant}")
-  quarter = config.model.num_levels // 4
-  want = {"table4_row1": (1, 1), "table4_row2": (4, 1), "table4_row3": (1, 4)}[variant]
-  assert (config.model.pixel_depth, config.model.semantic_depth) == (
-      want[0] * quarter, want[1] * quarter)
+TABLE_ROWS = ("table4_row1", "table4_row2", "table4_row3", "table5_row1", "table5_row2",
+              "table5_row3", "table5_row4")
+
+
+def test_table_rows_set_the_papers_depths_and_decouplings():
+  """At 16 levels (paper): Table 4's (L_pix, L_sem); Table 5's rows 1 and 4 are Table 4's
+  rows 1 and 3, rows 2-3 quantize 4 pixel and 16 semantic levels separately."""
+  want = {"table4_row1": (4, 4, 16, "evolution"), "table4_row2": (16, 4, 16, "evolution"),
+          "table4_row3": (4, 16, 16, "evolution"), "table5_row1": (4, 4, 16, "evolution"),
+          "table5_row2": (4, 16, 20, "layer"), "table5_row3": (4, 16, 20, "branch"),
+          "table5_row4": (4, 16, 16, "evolution")}
+  for row, expected in want.items():
+    m = config_defaults.load_config(f"configs/evotok.py:paper,{row}").model
+    assert (m.pixel_depth, m.semantic_depth, m.num_levels, m.decoupling) == expected, row
+
+
+def _distinct_rows() -> list[tuple[str, ...]]:
+  groups = {}
+  for row in TABLE_ROWS:
+    groups.setdefault(config_defaults.load_config(f"{TINY},{row}").to_json(), []).append(row)
+  return [tuple(rows) for rows in groups.values()]
+
+
+@pytest.mark.parametrize("rows", _distinct_rows(), ids="=".join)
+def test_table_rows_train_at_tiny_size(rows):
+  config = config_defaults.load_config(f"{TINY},{rows[0]}")
   state, metrics = train_steps_in_process(config, 1)
   assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
-  assert int(state.model_state["quantizer_state"]["quantizer"]["step"]) == 1
+  quantizers = state.model_state["quantizer_state"]
+  assert len(quantizers) == (1 if config.model.decoupling == "evolution" else 2)
+  for books in quantizers.values():
+    assert int(books["step"]) == 1

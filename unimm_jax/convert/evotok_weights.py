@@ -139,6 +139,9 @@ def _quantizer_state(read: Reader, cfg: ml_collections.ConfigDict) -> dict:
 def convert_state_dict_file(path: str, model_config: ml_collections.ConfigDict) -> dict:
   """Their state dict file -> our variables {'params', 'quantizer_state'} (jax arrays,
   float32). Raises ValueError naming a missing, unused or wrongly shaped tensor."""
+  if model_config.decoupling != 'evolution':
+    raise ValueError(f'config.model.decoupling={model_config.decoupling!r}: the authors\' '
+                     "weights are of the 'evolution' model")
   checkpoint = hf_checkpoint.state_dict_file(path)
   read = Reader(checkpoint)
   encoder_prefix = ('encoder_vqkd.vision_model.' if any(

@@ -54,21 +54,23 @@ def evaluate_reconstruction(batches: Iterable, batch_size: int, *,
                             | None = None,
                             inception_features: BatchFn | None = None,
                             zero_shot: tuple[BatchFn, zero_shot_lib.ClassEmbeddings]
-                            | None = None) -> dict:
+                            | None = None,
+                            feature_cosine: BatchFn | None = None) -> dict:
   """Metrics of a tokenizer over `batches` of (b <= batch_size, h, w, 3) images in [-1, 1].
 
   With `zero_shot` = (embed, classes), each batch is instead an (images, labels (b,)) pair
   (see `class_indices`), and embed maps images to (b, d) embeddings compared with classes.
   A continuous tokenizer has no codes: `encode` and `codebook_size` None leave out the code
-  statistics.
+  statistics. `feature_cosine` maps images to (b,) per-image mean cosines between the
+  tokenizer's features and a teacher's (EvoTok's semantic decoder against SigLIP2).
 
   Returns {'num_images', 'psnr', 'ssim'}, with codes {'code_usage' (per group/level list),
   'code_usage_mean', 'code_perplexity' (list), 'code_perplexity_mean'}, plus 'lpips' and
-  'rfid' when their functions are given, and with `zero_shot` the entries of
-  `ZeroShotAccuracy.result` ('zero_shot_top1', ..., 'zero_shot_num_images'). PSNR and SSIM
-  are computed on [0, 1] images (data_range 1), averaged over images.
+  'rfid' and 'feature_cosine' when their functions are given, and with `zero_shot` the
+  entries of `ZeroShotAccuracy.result` ('zero_shot_top1', ..., 'zero_shot_num_images').
+  PSNR and SSIM are computed on [0, 1] images (data_range 1), averaged over images.
   """
-  psnrs, ssims, lpipses = [], [], []
+  psnrs, ssims, lpipses, cosines = [], [], [], []
   usage = None if encode is None else code_usage_lib.CodeUsage(codebook_size)
   real_stats, fake_stats = fid.FeatureStatistics(), fid.FeatureStatistics()
   accuracy = zero_shot_lib.ZeroShotAccuracy(zero_shot[1]) if zero_shot else None
@@ -94,6 +96,8 @@ def evaluate_reconstruction(batches: Iterable, batch_size: int, *,
       fake_stats.update(np.asarray(inception_features(recons), np.float64)[:n])
     if accuracy is not None:
       accuracy.update(np.asarray(zero_shot[0](padded))[:n], indices)
+    if feature_cosine is not None:
+      cosines.append(np.asarray(feature_cosine(padded))[:n])
   if not psnrs:
     raise ValueError("evaluate_reconstruction: the eval set is empty")
   results = {
@@ -116,4 +120,6 @@ def evaluate_reconstruction(batches: Iterable, batch_size: int, *,
                                                  *fake_stats.statistics()))
   if accuracy is not None:
     results.update(accuracy.result())
+  if feature_cosine is not None:
+    results["feature_cosine"] = float(np.mean(np.concatenate(cosines)))
   return results

@@ -72,8 +72,23 @@ def semantic_block_config(config: ml_collections.ConfigDict) -> ViTConfig:
                    remat=config.remat, attention_impl=config.attention_impl)
 
 
+DECOUPLINGS = ('evolution', 'layer', 'branch')
+
+
 def validate_model_config(config: ml_collections.ConfigDict) -> None:
   """Names the first inconsistent field of config.model."""
+  if config.decoupling not in DECOUPLINGS:
+    raise ValueError(f'config.model.decoupling={config.decoupling!r} is not one of '
+                     f'{DECOUPLINGS}')
+  if config.decoupling != 'evolution' and (
+      config.num_levels != config.pixel_depth + config.semantic_depth):
+    raise ValueError(f'config.model.decoupling={config.decoupling!r} quantizes pixels and '
+                     'semantics separately: num_levels must be pixel_depth + semantic_depth '
+                     f'({config.pixel_depth} + {config.semantic_depth}), got '
+                     f'{config.num_levels}')
+  if config.decoupling == 'layer' and not 0 <= config.pixel_layer < config.encoder.num_layers - 1:
+    raise ValueError(f'config.model.pixel_layer={config.pixel_layer} must index '
+                     f'hidden_states below the features\' layer {config.encoder.num_layers - 1}')
   if not 0 < config.pixel_depth <= config.num_levels:
     raise ValueError(f'config.model.pixel_depth={config.pixel_depth} must lie in '
                      f'[1, num_levels={config.num_levels}]')
@@ -148,7 +163,8 @@ class EvoTok(nn.Module):
   """The EvoTok tokenizer (module docstring) on config.model.
 
   Fields read: code_dim, num_levels, codebook_size, pixel_depth (L_pix), semantic_depth
-  (L_sem), decay, vq_warmup, dead_code_threshold, lookup_chunk, encoder.{hidden_size,
+  (L_sem), decoupling, pixel_layer, decay, vq_warmup, dead_code_threshold, lookup_chunk,
+  encoder.{hidden_size,
   num_layers, num_heads, mlp_dim, patch_size, image_size, layer_norm_eps}, semantic.{width,
   depth, num_heads, mlp_ratio, out_width}, decoder.{ch, ch_mult, num_res_blocks,
   z_channels}, dtype, remat, attention_impl.
@@ -156,6 +172,16 @@ class EvoTok(nn.Module):
   Variables: params {encoder, encode_task, post_quant_conv, pixel_decoder,
   semantic_decoder} and `quantizer_state` (the EMA codebooks, see ResidualQuantizer).
   Images are float32 in [-1, 1], NHWC, at the encoder's image size.
+
+  `decoupling` (Table 5) picks where f_pix comes from:
+    'evolution'  the paper's: one residual trajectory, f_pix its first L_pix levels;
+    'layer'      (DualToken-like) a second residual quantizer of L_pix levels on the
+                 encoder's hidden_states[pixel_layer] (its own task layers), f_sem from the
+                 first quantizer's L_sem levels on the usual features;
+    'branch'     (TokenFlow-like) the same, on a second encoder of the same architecture.
+  The paper gives only the idea of rows 2-3; these layouts, pixel_layer (hidden_states index
+  of the pixel features) and the separate L_pix + L_sem = num_levels codes per token (pixel
+  levels first) are our choices. Their commitment is the mean over all levels of both.
   """
   config: ml_collections.ConfigDict
 
@@ -165,11 +191,18 @@ class EvoTok(nn.Module):
     dtype = compute_dtype(cfg.dtype, 'config.model.dtype')
     self.encoder = VisionTransformer(encoder_config(cfg))
     self.encode_task = TaskLayers(cfg.code_dim)
-    self.quantizer = ResidualQuantizer(
-        num_levels=cfg.num_levels, codebook_size=cfg.codebook_size, code_dim=cfg.code_dim,
-        partial_depths=(cfg.pixel_depth, cfg.semantic_depth), decay=cfg.decay,
-        vq_warmup=cfg.vq_warmup, dead_code_threshold=cfg.dead_code_threshold,
-        chunk_size=cfg.lookup_chunk)
+    quantizer = lambda levels, depths, **kw: ResidualQuantizer(
+        num_levels=levels, codebook_size=cfg.codebook_size, code_dim=cfg.code_dim,
+        partial_depths=depths, decay=cfg.decay, vq_warmup=cfg.vq_warmup,
+        dead_code_threshold=cfg.dead_code_threshold, chunk_size=cfg.lookup_chunk, **kw)
+    if cfg.decoupling == 'evolution':
+      self.quantizer = quantizer(cfg.num_levels, (cfg.pixel_depth, cfg.semantic_depth))
+    else:
+      self.quantizer = quantizer(cfg.semantic_depth, (cfg.semantic_depth,))
+      self.pixel_quantizer = quantizer(cfg.pixel_depth, (cfg.pixel_depth,))
+      self.pixel_encode_task = TaskLayers(cfg.code_dim)
+      if cfg.decoupling == 'branch':
+        self.pixel_encoder = VisionTransformer(encoder_config(cfg))
     dc = cfg.decoder
     self.post_quant_conv = conv(dc.z_channels, 1, use_bias=True, dtype=jnp.float32,
                                 name='post_quant_conv')
@@ -189,11 +222,27 @@ class EvoTok(nn.Module):
     b = images.shape[0]
     grid = e.image_size // e.patch_size
     images = nn.with_logical_constraint(jnp.clip(images, -1.0, 1.0), ('batch', None, None, None))
-    hidden = self.encoder(images)['hidden_states'][-1]
-    pre_quant = self.encode_task(hidden.astype(jnp.float32)).reshape(b, grid, grid, -1)
-    (f_pix, f_sem), codes, losses, stats = self.quantizer(pre_quant, train)
-    return TokenizerOutput(recon=None, codes=codes, latents=f_pix, losses=losses, stats=stats,
-                           features={'pre_quant': pre_quant, 'semantic_latents': f_sem})
+    hidden_states = self.encoder(images)['hidden_states']
+    to_grid = lambda task, h: task(h.astype(jnp.float32)).reshape(b, grid, grid, -1)
+    pre_quant = to_grid(self.encode_task, hidden_states[-1])
+    if self.config.decoupling == 'evolution':
+      (f_pix, f_sem), codes, losses, stats = self.quantizer(pre_quant, train)
+      return TokenizerOutput(recon=None, codes=codes, latents=f_pix, losses=losses,
+                             stats=stats,
+                             features={'pre_quant': pre_quant, 'semantic_latents': f_sem})
+    pixel_hidden = (hidden_states[self.config.pixel_layer] if self.config.decoupling == 'layer'
+                    else self.pixel_encoder(images)['hidden_states'][-1])
+    pixel_pre_quant = to_grid(self.pixel_encode_task, pixel_hidden)
+    (f_sem,), sem_codes, sem_losses, sem_stats = self.quantizer(pre_quant, train)
+    (f_pix,), pix_codes, pix_losses, pix_stats = self.pixel_quantizer(pixel_pre_quant, train)
+    lp, ls = self.config.pixel_depth, self.config.semantic_depth
+    commitment = (lp * pix_losses['commitment'] + ls * sem_losses['commitment']) / (lp + ls)
+    return TokenizerOutput(
+        recon=None, codes=jnp.concatenate([pix_codes, sem_codes], -1), latents=f_pix,
+        losses={'commitment': commitment},
+        stats={**sem_stats, **{f'pixel_{k}': v for k, v in pix_stats.items()}},
+        features={'pre_quant': pre_quant, 'pixel_pre_quant': pixel_pre_quant,
+                  'semantic_latents': f_sem})
 
   def decode(self, latents: jax.Array, *, train: bool = False) -> jax.Array:
     """f_pix (b, h, w, d) -> reconstruction (b, h f, w f, 3) float32 (not clipped)."""
@@ -209,8 +258,24 @@ class EvoTok(nn.Module):
 
   def codes_to_quantized(self, codes: jax.Array, depth: int | None = None) -> jax.Array:
     """Codes (b, h, w, m) of the first m levels -> the sum of the first `depth` levels'
-    rows (default: L_pix, what the pixel decoder reads)."""
-    return self.quantizer.codes_to_quantized(codes, depth or self.config.pixel_depth)
+    rows (default: L_pix, what the pixel decoder reads). Decoupled: the pixel quantizer's
+    levels, the first L_pix codes."""
+    depth = depth or self.config.pixel_depth
+    if self.config.decoupling == 'evolution':
+      return self.quantizer.codes_to_quantized(codes, depth)
+    return self.pixel_quantizer.codes_to_quantized(codes[..., :self.config.pixel_depth], depth)
+
+  def at_depth(self, images: jax.Array, depth: int) -> TokenizerOutput:
+    """`__call__` (eval) with f_pix and f_sem both replaced by the sum of the first `depth`
+    levels: the reconstruction and semantic features along the residual trajectory (paper
+    Fig. 5b); latents and features['semantic_latents'] are that sum. Evolution only."""
+    if self.config.decoupling != 'evolution':
+      raise ValueError('at_depth: a decoupled EvoTok has no single residual trajectory')
+    out = self.encode(images)
+    partial = self.quantizer.codes_to_quantized(out.codes, depth)
+    return out.replace(recon=self.decode(partial), latents=partial,
+                       features={**out.features, 'semantic_latents': partial,
+                                 'semantic': self.decode_semantic(partial)})
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> TokenizerOutput:
     """`encode` with the reconstruction and features['semantic'] (b, h * w, out_width)."""

@@ -74,8 +74,13 @@ class TrainingModule(abc.ABC):
   forward pass's `TokenizerOutput` (for its `features`), the images and the frozen networks
   it asked for, and returns loss terms (weighted by config.loss[term] like the tokenizer's
   own) and statistics.
+
+  A module that aligns a feature of the tokenizer with a frozen network's names it in
+  `aligned_feature` and gives the target with `target(frozen, images)`; `--mode=eval` then
+  reports their per-token cosine (at every depth of a residual tokenizer).
   """
   name: str
+  aligned_feature: str | None = None
 
   @abc.abstractmethod
   def init(self, rng: jax.Array, out: TokenizerOutput, images: jax.Array) -> Any:
@@ -94,3 +99,7 @@ class TrainingModule(abc.ABC):
   def load_frozen(self) -> dict:
     """Those networks' weights, by the same names (read once per run)."""
     return {}
+
+  def target(self, frozen: dict, images: jax.Array) -> jax.Array:
+    """What `features[aligned_feature]` is compared with, for `images` (b, h, w, 3)."""
+    raise NotImplementedError(f'{type(self).__name__} aligns no feature')

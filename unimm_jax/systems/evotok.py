@@ -29,9 +29,16 @@ def downsample_factor(model_config: ml_collections.ConfigDict) -> int:
 
 
 def code_layout(model_config: ml_collections.ConfigDict) -> CodeLayout:
-  """All L residual codes per token (the first L_pix of them decode to pixels)."""
+  """All L residual codes per token (the first L_pix of them decode to pixels; decoupled:
+  L_pix pixel codes, then L_sem semantic ones)."""
   return CodeLayout(codes_per_token=model_config.num_levels,
                     codebook_size=model_config.codebook_size)
+
+
+def trajectory_levels(model_config: ml_collections.ConfigDict) -> int:
+  """`--mode=eval` evaluates the sum of the first d levels for every d = 1..L (0: a
+  decoupled variant, which has no single trajectory)."""
+  return model_config.num_levels if model_config.decoupling == "evolution" else 0
 
 
 def import_weights(path: str, model_config: ml_collections.ConfigDict) -> dict:
@@ -51,6 +58,7 @@ class SemanticAlignment(TeacherModule):
   SEMANTIC_FOLDS chunks), each only when its weight is on; no params of its own (the
   semantic decoder is part of the tokenizer: the MLLM reads it)."""
   name = "semantic_alignment"
+  aligned_feature = "semantic"
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config.teacher)
@@ -62,7 +70,7 @@ class SemanticAlignment(TeacherModule):
 
   def __call__(self, params, out, images, frozen, rng):
     del params, rng
-    target = self.teacher(frozen["teacher"], images)
+    target = self.target(frozen, images)
     semantic = out.features["semantic"]
     if target.shape != semantic.shape:
       raise ValueError(f"the teacher gives features {target.shape}, the semantic decoder "

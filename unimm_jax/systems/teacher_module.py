@@ -32,3 +32,7 @@ class TeacherModule(TrainingModule):
     dtype = self.teacher.model.config.dtype
     _, variables = load_pretrained(self.teacher_config.path, param_dtype=dtype, dtype=dtype)
     return {"teacher": variables}
+
+  def target(self, frozen, images):
+    """The teacher's features of `images` (config.teacher.feature), stop-gradiented."""
+    return self.teacher(frozen["teacher"], images)

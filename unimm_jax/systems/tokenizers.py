@@ -31,12 +31,16 @@ class TokenizerSpec:
   import_weights: (path, config.model) -> variables ({'params': ..., plus state
     collections such as EMA codebooks}) from the authors' released weights, or None when
     there is no importer (`--mode=import`).
+  trajectory_levels: config.model -> L for a residual tokenizer whose latents are sums of
+    levels: `--mode=eval` then also evaluates the model's `at_depth(images, d)` (the
+    reconstruction and features from the first d levels) for d = 1..L; 0 or None: none.
   """
   build: Callable[[ModelConfig], nn.Module]
   downsample_factor: Callable[[ModelConfig], int]
   code_layout: Callable[[ModelConfig], CodeLayout | None]
   training_modules: Callable[[ml_collections.ConfigDict], list[TrainingModule]]
   import_weights: Callable[[str, ModelConfig], Any] | None = None
+  trajectory_levels: Callable[[ModelConfig], int] | None = None
 
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
@@ -52,7 +56,8 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
     "evotok": TokenizerSpec(build=evotok.build, downsample_factor=evotok.downsample_factor,
                             code_layout=evotok.code_layout,
                             training_modules=evotok.training_modules,
-                            import_weights=evotok.import_weights),
+                            import_weights=evotok.import_weights,
+                            trajectory_levels=evotok.trajectory_levels),
 }
 
 

@@ -7,11 +7,19 @@ config.lpips.path (or allow_random), rFID config.eval.inception_path; without th
 metrics are left out and the reason is printed. With config.eval.zero_shot_classes,
 zero-shot top-k accuracy (UniWeTok Table 1) of that module's embedding of the EMA tokens,
 over the same (labelled) eval images, is added.
+
+A residual tokenizer (its spec's `trajectory_levels`) is also evaluated along its residual
+trajectory: for every depth d = 1..L, the same metrics of the reconstruction from the first
+d levels and, when a training-only module aligns a feature with a teacher, the mean cosine
+of that feature to the teacher's (EvoTok's Fig. 5b). They are `trajectory` in the JSON
+(one entry per depth) and a plot, WORKDIR/eval_STEP_trajectory.png.
 """
 import json
 import os
 
 import jax
+import matplotlib
+import numpy as np
 
 from unimm_jax.convert import inception_weights
 from unimm_jax.data import pipeline
@@ -20,6 +28,7 @@ from unimm_jax.evals import reconstruction_eval
 from unimm_jax.evals import zero_shot
 from unimm_jax.inference import image_codec
 from unimm_jax.inference import restore
+from unimm_jax.losses import distillation
 
 _SUMMARY = ("psnr", "ssim", "lpips", "rfid", "code_usage_mean", "code_perplexity_mean",
             "zero_shot_top1", "zero_shot_top5", "zero_shot_top10")
@@ -84,6 +93,12 @@ def evaluate(task, context, workdir: str, writer) -> dict:
       lpips_distance=lpips_distance, inception_features=inception_features,
       zero_shot=zero_shot_eval)
   results["step"] = step
+  if task.spec.trajectory_levels and task.spec.trajectory_levels(config.model):
+    results["trajectory"] = _trajectory(
+        task, context, variables, lpips_distance=lpips_distance,
+        inception_features=inception_features)
+    if writer is not None:
+      _plot_trajectory(results["trajectory"], os.path.join(workdir, f"eval_{step}_trajectory.png"))
   if writer is not None:
     with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
       json.dump(results, f, indent=1)
@@ -93,3 +108,50 @@ def evaluate(task, context, workdir: str, writer) -> dict:
   print(f"eval of step {step} on {results['num_images']} images: {summary}")
   return results
 
+
+def _trajectory(task, context, variables, **metric_fns) -> list[dict]:
+  """The reconstruction metrics (and the aligned feature's cosine to its teacher) of the
+  sum of the first d levels, for d = 1..L."""
+  config, model = task.config, task.model
+  ec = config.eval
+  aligned = next((m for m in task.modules if m.aligned_feature), None)
+  frozen = aligned.load_frozen() if aligned else None
+  trajectory = []
+  for depth in range(1, task.spec.trajectory_levels(config.model) + 1):
+    def at_depth(images, depth=depth):
+      return model.apply(variables, images, depth, method="at_depth")
+
+    def cosine(images, at_depth=at_depth):
+      """(b,) per-image mean over tokens of cos(feature, the teacher's)."""
+      feature = at_depth(images).features[aligned.aligned_feature]
+      return 1.0 - jax.vmap(distillation.cosine_distillation_loss)(
+          feature, aligned.target(frozen, images))
+
+    metrics = reconstruction_eval.evaluate_reconstruction(
+        pipeline.iter_eval_batches(config.data, ec.num_images, ec.batch_size), ec.batch_size,
+        reconstruct=context.on_mesh(lambda x, at_depth=at_depth: at_depth(x).recon),
+        encode=None, codebook_size=None,
+        feature_cosine=context.on_mesh(cosine) if aligned else None, **metric_fns)
+    trajectory.append({"depth": depth, **{k: v for k, v in metrics.items()
+                                           if k != "num_images"}})
+    print(f"depth {depth}: " + ", ".join(f"{k} {v:.4f}" for k, v in trajectory[-1].items()
+                                         if k != "depth"))
+  return trajectory
+
+
+def _plot_trajectory(trajectory: list[dict], path: str) -> None:
+  """PSNR (and the feature cosine) against depth, one panel each."""
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  depths = [t["depth"] for t in trajectory]
+  panels = [k for k in ("psnr", "ssim", "feature_cosine") if k in trajectory[0]]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+  for ax, key in zip(np.atleast_1d(axes), panels):
+    ax.plot(depths, [t[key] for t in trajectory], marker="o")
+    ax.set_xlabel("residual depth d (levels summed)")
+    ax.set_title({"psnr": "PSNR (dB)", "ssim": "SSIM",
+                  "feature_cosine": "semantic cosine to the teacher"}[key])
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
