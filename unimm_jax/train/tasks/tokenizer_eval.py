@@ -71,8 +71,8 @@ def evaluate(task, context, workdir: str, writer) -> dict:
   else:
     print("LPIPS left out: set config.lpips.path (README: LPIPS weights)")
   if ec.inception_path:
-    inception, variables = inception_weights.load_fid_inception(ec.inception_path)
-    inception_features = context.on_mesh(lambda x: inception.apply(variables, x))
+    inception, inception_variables = inception_weights.load_fid_inception(ec.inception_path)
+    inception_features = context.on_mesh(lambda x: inception.apply(inception_variables, x))
   else:
     print("rFID left out: set config.eval.inception_path (README: FID Inception weights)")
   zero_shot_eval = None
