@@ -8,7 +8,8 @@ Variants, chosen by the text after the colon (comma-separated, applied in order)
           0.5 hinge GAN from step 20000 (not adaptive) + commitment + cosine + 4-fold cosine;
           Adam 1e-4 (0.9, 0.95), clip 1, batch 256, 500k steps, random crop + flip. Needs
           --config.teacher.path (a transformers siglip2-large-patch16-256 directory; the
-          authors' teacher) and --config.lpips.path.
+          authors' teacher), --config.model.encoder.init_path (the same directory: the
+          encoder starts from it, as the authors') and --config.lpips.path.
   demo    a small EvoTok on 64 px crops of the built-in photos that trains on 2 CPU cores.
   tiny    tests: 32 px, a 3-layer encoder, 4 levels of 16 codes.
   table4_row1..3   Table 4: (L_pix, L_sem) = (4, 4) entangled, (16, 4) semantic-to-pixel,
@@ -25,7 +26,9 @@ model.semantic.out_width (paper: the same SigLIP2-L/16-256); `semantic=0, semant
 trains the pixel branch alone (the semantic decoder then gets no gradient).
 
   python -m unimm_jax.main --config=configs/evotok.py:paper --workdir=/ckpt/evotok \
-      --config.teacher.path=/ckpt/siglip2-large-patch16-256 --config.lpips.path=/ckpt/lpips.safetensors
+      --config.teacher.path=/ckpt/siglip2-large-patch16-256 \
+      --config.model.encoder.init_path=/ckpt/siglip2-large-patch16-256 \
+      --config.lpips.path=/ckpt/lpips.safetensors
 """
 import ml_collections
 
@@ -55,7 +58,10 @@ def _paper_model() -> ml_collections.ConfigDict:
       # the second-to-last of num_layers layers.
       encoder=ml_collections.ConfigDict(dict(
           hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096, patch_size=16,
-          image_size=256, layer_norm_eps=1e-6)),
+          image_size=256, layer_norm_eps=1e-6,
+          # A transformers `siglip` directory (siglip2-large-patch16-256) the encoder of a
+          # fresh run starts from, as the authors' does; empty: random (demo, tests).
+          init_path="")),
       semantic=ml_collections.ConfigDict(dict(
           width=1024, depth=3, num_heads=12, mlp_ratio=4, out_width=1024)),
       decoder=ml_collections.ConfigDict(dict(

@@ -45,6 +45,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       scan_layers=False,
       remat=False,
       attention_impl="xla",  # jax.nn.dot_product_attention's: 'xla', or 'cudnn' on GPUs
+      init_path="",  # a transformers checkpoint (same architecture) a fresh run starts from
   ))
   config.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.1,

@@ -20,10 +20,11 @@ Variants, chosen by the text after the colon (comma-separated, applied in order)
   table6_row1..4   understanding:generation = 1:1, 2:1, 1:1, 2:1 (rows 3-4 are the paper's
                    10M-example scale: the same ratios, more examples).
 
-Weights: the LLM and the VQ from a transformers `chameleon` checkpoint
-(`unimm_jax.convert.load_pretrained`), SigLIP from a transformers `siglip` one; for the
-tokenizer, --config.system.tokenizer_path is a tokenizer workdir or a `chameleon_vqgan`
-directory.
+Weights: a fresh run starts the LLM from --config.model.init_path (a transformers
+`chameleon` directory: Chameleon-7B for `paper`) and SigLIP from --config.vit.init_path (a
+`siglip` one: siglip-so400m-patch14-384), each checked against the config's architecture;
+the frozen VQ comes from --config.system.tokenizer_path: a tokenizer workdir, a
+`chameleon_vqgan` directory or the same `chameleon` one.
 
   python -m unimm_jax.main --config=configs/unitoken.py:demo --workdir=/tmp/unitoken \
       --config.system.tokenizer_path=/tmp/vq
@@ -70,10 +71,12 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4,
       head_dim=0, rope_theta=10000.0, rms_norm_eps=1e-5, qkv_bias=False,
       qk_norm="chameleon", swin_norm=False, tie_word_embeddings=False, dtype="float32",
-      scan_layers=False, remat=False, attention_impl="xla", dropout_rate=0.05))
+      scan_layers=False, remat=False, attention_impl="xla", dropout_rate=0.05,
+      init_path=""))  # a transformers `chameleon` directory the LLM of a fresh run starts from
   config.vit = ml_collections.ConfigDict(dict(
       hidden_size=128, num_layers=2, num_heads=4, mlp_dim=256, patch_size=8, image_size=32,
-      dtype="float32", scan_layers=False, remat=False))
+      dtype="float32", scan_layers=False, remat=False,
+      init_path=""))  # a transformers `siglip` directory the ViT of a fresh run starts from
   config.adapter_hidden = 256
   config.loss = ml_collections.ConfigDict(dict(z_loss=1e-5))
   config.optim = ml_collections.ConfigDict(dict(

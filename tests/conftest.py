@@ -130,26 +130,29 @@ EVOTOK_TINY = "configs/evotok.py:tiny"
 
 
 def evotok_teacher_flags(teacher: str) -> tuple[str, ...]:
-  """Overrides that switch tiny EvoTok's semantic terms on against `teacher`."""
+  """Overrides that switch tiny EvoTok's semantic terms on against `teacher` and start its
+  encoder from the same SigLIP (as the paper's config does)."""
   return (f"--config.teacher.path={teacher}", "--config.loss.semantic=1.0",
-          "--config.loss.semantic_fold=1.0")
+          "--config.loss.semantic_fold=1.0", f"--config.model.encoder.init_path={teacher}")
 
 
 @pytest.fixture(scope="session")
 def evotok_teacher(tmp_path_factory):
-  """A SigLIP vision tower written by transformers as tiny EvoTok's semantic teacher: hidden
-  32 (its semantic out_width), 32 px with patch 8 (the encoder's 4 x 4 grid)."""
+  """A SigLIP vision tower written by transformers as tiny EvoTok's semantic teacher and the
+  start of its encoder: hidden 32 (the semantic out_width), 32 px with patch 8 (the
+  encoder's 4 x 4 grid), 3 layers of 2 heads (the encoder's architecture)."""
   transformers = pytest.importorskip("transformers")
   path = tmp_path_factory.mktemp("evotok_teacher")
   transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
-      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
       image_size=32, patch_size=8)).save_pretrained(path)
   return str(path)
 
 
 @pytest.fixture(scope="session")
 def evotok_run(tmp_path_factory, evotok_teacher):
-  """Tiny EvoTok with its semantic terms, 4 steps, checkpoints at 2 and 4."""
+  """Tiny EvoTok with its semantic terms and its encoder started from the teacher, 4 steps,
+  checkpoints at 2 and 4."""
   workdir = tmp_path_factory.mktemp("evotok_run")
   return workdir, run_main(workdir, *evotok_teacher_flags(evotok_teacher), config=EVOTOK_TINY)
 

@@ -130,7 +130,8 @@ def test_import_mode_writes_a_run_that_encodes_like_theirs(tmp_path):
 
 @pytest.mark.e2e
 def test_run_logs_every_term_and_updates_the_codebooks(evotok_run):
-  workdir, _ = evotok_run
+  workdir, proc = evotok_run
+  assert "params ['encoder'] start from pretrained weights" in proc.stderr
   logged = read_metrics(workdir)[4]
   for name in ("l2", "commitment", "semantic", "semantic_fold", "loss", "quantization_mse",
                "dead_codes_restarted"):

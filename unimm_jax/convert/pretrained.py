@@ -5,6 +5,7 @@ A family converter is a function `convert(checkpoint, **overrides) -> Converted`
 LazyArray over the checkpoint's tensors. This module checks the shapes, then places the
 weights (optionally sharded over a mesh, built per device from its slice only).
 """
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -52,6 +53,48 @@ def supported_model_types() -> list[str]:
   return sorted(_converters())
 
 
+def convert_checkpoint(path: str, **overrides) -> Converted:
+  """The checkpoint directory's networks as a `Converted`: our module and its parameters
+  as LazyArrays over the checkpoint's tensors, read only when indexed (what
+  `load_pretrained` places, and what a fresh run starts parts of its model from). Raises
+  ValueError for an unknown `model_type` or a tensor the family does not use."""
+  checkpoint = hf_checkpoint.HFCheckpoint(path)
+  model_type = checkpoint.config.get('model_type')
+  converters = _converters()
+  if model_type not in converters:
+    raise ValueError(f'{path}: config.json has model_type={model_type!r} '
+                     f'(architectures {checkpoint.config.get("architectures")}); supported: '
+                     f'{supported_model_types()}')
+  return converters[model_type](checkpoint, **overrides)
+
+
+# Fields of a module config that say how it runs, not what it computes: a checkpoint may
+# differ in them from the model it starts.
+RUN_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'attention_impl', 'dropout_rate',
+              'initializer_range', 'suppressed_token_ids')
+
+
+def starting_sources(path: str, want: Any, *, where: str, ignore: Sequence[str] = (),
+                     **overrides) -> dict:
+  """The parameters of checkpoint `path` as LazyArrays, for a fresh run whose module has
+  config `want` (a ViTConfig, an LLMConfig) to start from (`unimm_jax.train.initial_weights`).
+
+  The checkpoint's architecture must be `want`'s in every field but RUN_FIELDS and `ignore`
+  (a rope theta or a norm epsilon that differs would load without a shape error and compute
+  something else); `where` names the config field that gave `path`. `overrides` go to the
+  family converter (`scan_layers` as the model lays its layers out)."""
+  converted = convert_checkpoint(path, **overrides)
+  got = converted.model.config
+  for field in dataclasses.fields(want):
+    if field.name in RUN_FIELDS or field.name in ignore:
+      continue
+    a, b = getattr(got, field.name), getattr(want, field.name)
+    if a != b:
+      raise ValueError(f'{where}={path!r}: the checkpoint has {field.name}={a!r}, the model '
+                       f'(config) {b!r}')
+  return converted.sources
+
+
 def load_pretrained(path: str, *, param_dtype: Any = jnp.float32, mesh: Mesh | None = None,
                     rules: Sequence | None = None, **overrides) -> Pretrained:
   """Imports a transformers checkpoint directory (config.json + safetensors).
@@ -72,14 +115,7 @@ def load_pretrained(path: str, *, param_dtype: Any = jnp.float32, mesh: Mesh | N
     ValueError for an unknown `model_type`, a missing or unexpected tensor, or a shape that
     differs from what config.json implies, naming the tensor.
   """
-  checkpoint = hf_checkpoint.HFCheckpoint(path)
-  model_type = checkpoint.config.get('model_type')
-  converters = _converters()
-  if model_type not in converters:
-    raise ValueError(f'{path}: config.json has model_type={model_type!r} '
-                     f'(architectures {checkpoint.config.get("architectures")}); supported: '
-                     f'{supported_model_types()}')
-  converted = converters[model_type](checkpoint, **overrides)
+  converted = convert_checkpoint(path, **overrides)
 
   def placed(part: Converted) -> tuple[nn.Module, dict]:
     abstract = jax.eval_shape(lambda: part.model.init(jax.random.key(0), *part.example_inputs))

@@ -12,6 +12,7 @@ plain cosine, `semantic_fold` the one over 4 chunks of the width.
 import ml_collections
 
 from unimm_jax.convert import evotok_weights
+from unimm_jax.convert import pretrained
 from unimm_jax.losses import distillation
 from unimm_jax.models import evotok
 from unimm_jax.models.tokenizer_interface import CodeLayout, TrainingModule
@@ -45,6 +46,29 @@ def import_weights(path: str, model_config: ml_collections.ConfigDict) -> dict:
   """The authors' EvoTok state dict (safetensors) -> variables {'params',
   'quantizer_state'} (`convert/evotok_weights`)."""
   return evotok_weights.load_evotok_state_dict(path, model_config)
+
+
+def initial_weights(model_config: ml_collections.ConfigDict) -> dict | None:
+  """A fresh run's encoder from config.model.encoder.init_path (a transformers `siglip`
+  directory, the layout of SigLIP2's fixed-resolution checkpoints, as the authors start
+  from siglip2-large-patch16-256): its embeddings and all its blocks but the last, which the
+  model does not build (models/evotok.py); the branch-wise variant's second encoder starts
+  from the same weights. None without a path."""
+  path = model_config.encoder.init_path
+  if not path:
+    return None
+  sources = pretrained.starting_sources(
+      path, evotok.encoder_config(model_config), where="config.model.encoder.init_path",
+      ignore=("num_layers", "use_head", "final_norm"))
+  blocks = sum(key.startswith("layers_") for key in sources)
+  if blocks != model_config.encoder.num_layers:
+    raise ValueError(f"config.model.encoder.init_path={path!r} has {blocks} layers, "
+                     f"config.model.encoder.num_layers={model_config.encoder.num_layers}")
+  unused = ("final_norm", "head", f"layers_{blocks - 1}")
+  encoder = {key: value for key, value in sources.items() if key not in unused}
+  if model_config.decoupling == "branch":
+    return {"encoder": encoder, "pixel_encoder": encoder}
+  return {"encoder": encoder}
 
 
 def training_modules(config: ml_collections.ConfigDict) -> list[TrainingModule]:

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from unimm_jax.convert import pretrained
 from unimm_jax.data.mllm_sequence import ImageSlots, SpecialIds
 from unimm_jax.models import llm
 from unimm_jax.nn import masks
@@ -54,6 +55,18 @@ class UnifiedSystem(abc.ABC):
   def load_frozen(self) -> dict:
     """Frozen networks' params (e.g. a pretrained tokenizer), read from their files."""
     return {}
+
+  def initial_weights(self) -> dict | None:
+    """Pretrained sources a fresh run starts some trainable params from
+    (`unimm_jax.train.initial_weights`): here the LLM, from config.model.init_path (a
+    transformers checkpoint of config.model's architecture: Chameleon, Qwen2.5); systems
+    add their own networks. None when nothing starts from weights."""
+    path = self.config.model.get('init_path', '')
+    if not path:
+      return None
+    return {'llm': pretrained.starting_sources(path, self.llm.config,
+                                               where='config.model.init_path',
+                                               scan_layers=self.llm.config.scan_layers)}
 
   def frozen_shapes(self) -> dict:
     """`load_frozen()`'s tree as ShapeDtypeStructs, without reading weights."""

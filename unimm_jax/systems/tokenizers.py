@@ -34,6 +34,9 @@ class TokenizerSpec:
   trajectory_levels: config.model -> L for a residual tokenizer whose latents are sums of
     levels: `--mode=eval` then also evaluates the model's `at_depth(images, d)` (the
     reconstruction and features from the first d levels) for d = 1..L; 0 or None: none.
+  initial_weights: config.model -> the pretrained sources a fresh run starts some params
+    from (`unimm_jax.train.initial_weights`: a partial params tree of LazyArrays), from
+    checkpoint paths in config.model, or None.
   """
   build: Callable[[ModelConfig], nn.Module]
   downsample_factor: Callable[[ModelConfig], int]
@@ -41,6 +44,7 @@ class TokenizerSpec:
   training_modules: Callable[[ml_collections.ConfigDict], list[TrainingModule]]
   import_weights: Callable[[str, ModelConfig], Any] | None = None
   trajectory_levels: Callable[[ModelConfig], int] | None = None
+  initial_weights: Callable[[ModelConfig], dict | None] | None = None
 
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
@@ -57,7 +61,8 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
                             code_layout=evotok.code_layout,
                             training_modules=evotok.training_modules,
                             import_weights=evotok.import_weights,
-                            trajectory_levels=evotok.trajectory_levels),
+                            trajectory_levels=evotok.trajectory_levels,
+                            initial_weights=evotok.initial_weights),
 }
 
 

@@ -14,7 +14,9 @@ only image codes inside rows, [EOR] after every row and [EOI] after the last, an
 the logits of an unconditional stream that starts at [BOI] (its own KV cache). Codes are
 rendered by the frozen VQGAN's decoder.
 
-Params: {'llm', 'vit', 'adapter'} ({'llm'} alone with config.system.continuous False);
+Params: {'llm', 'vit', 'adapter'} ({'llm'} alone with config.system.continuous False); a
+fresh run starts the LLM from config.model.init_path and the ViT from config.vit.init_path
+when they are set (transformers `chameleon` and `siglip` directories);
 frozen: {'vq'} from config.system.tokenizer_path: a tokenizer workdir trained with
 configs/chameleon_vqgan.py, the authors' VQGAN state dict (.safetensors), or a transformers
 `chameleon_vqgan` / `chameleon` directory (no decoder there: config.system.
@@ -32,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from unimm_jax.convert import chameleon_vqgan as chameleon_vqgan_weights
+from unimm_jax.convert import pretrained
 from unimm_jax.data.anyres import AnyRes
 from unimm_jax.data.mllm_sequence import ImageSlots, SpecialIds
 from unimm_jax.inference import generation_loop
@@ -137,6 +140,19 @@ class UniToken(UnifiedSystem):
       params['adapter'] = self.adapter.init(
           adapter_rng, jnp.zeros((1, self.vit_config.hidden_size)))['params']
     return params
+
+  def initial_weights(self) -> dict | None:
+    """The LLM from config.model.init_path (a transformers `chameleon` directory) and the
+    ViT from config.vit.init_path (a `siglip` one: SigLIP-SO400M-14-384 at paper size, its
+    pooling head unused); either may be empty."""
+    sources = dict(super().initial_weights() or {})
+    path = self.config.vit.get('init_path', '')
+    if path and self.image_slots.anyres is not None:
+      vit_sources = pretrained.starting_sources(
+          path, self.vit_config, where='config.vit.init_path', ignore=('use_head',),
+          scan_layers=self.vit_config.scan_layers)
+      sources['vit'] = {k: v for k, v in vit_sources.items() if k != 'head'}
+    return sources or None
 
   def _vq_config(self) -> ml_collections.ConfigDict:
     """What `tokenizers.init_params` reads: the VQ's model fields at the discrete side."""

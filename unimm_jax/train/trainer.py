@@ -6,7 +6,9 @@ from shapes: param groups, loss weights), `load_frozen()`, `train_step(state, fr
 rng)`, `batch_ndims()` (batch arrays by name and rank, all batch-leading),
 `global_batch_sizes()` (every global batch size its data yields), `train_iterator(seed)` (a
 checkpointable Grain iterator of host-local batches with a `skipped` count),
-`throughput_unit` and `count_items(host_batch)` (images or tokens in a host batch), and
+`throughput_unit` and `count_items(host_batch)` (images or tokens in a host batch),
+`initial_weights()` (pretrained sources of some params for a fresh run, or None: see
+`unimm_jax.train.initial_weights`), and
 `evaluator(context, writer, workdir)` (see `unimm_jax.train.evaluators`), which receives a
 `MeshContext`, not the trainer. For `--mode=plan` (`unimm_jax.train.plan`) it also gives
 `frozen_shapes()` and `batch_shapes()`: the frozen networks and the global batches as
@@ -28,6 +30,7 @@ from unimm_jax import config_defaults
 from unimm_jax.parallel import mesh as mesh_lib
 from unimm_jax.parallel.context import MeshContext
 from unimm_jax.train import checkpointing
+from unimm_jax.train import initial_weights
 from unimm_jax.train import metric_logging
 from unimm_jax.train import tasks
 
@@ -125,6 +128,19 @@ class Setup:
                          discriminator=previous.discriminator,
                          model_state=previous.model_state)
 
+  def start_from_weights(self, state):
+    """`state` with the params (and EMA params) that the task starts from pretrained
+    weights (`task.initial_weights()`, e.g. a SigLIP encoder named in the config); the
+    state itself when there are none."""
+    sources = self.task.initial_weights()
+    if not sources:
+      return state
+    params = initial_weights.overlay(state.params, self.state_shardings.params, sources)
+    logging.info("params %s start from pretrained weights", sorted(sources))
+    ema = (None if state.ema_params is None else initial_weights.overlay(
+        state.ema_params, self.state_shardings.ema_params, sources))
+    return state.replace(params=params, ema_params=ema)
+
   @functools.cached_property
   def frozen_shardings(self):
     """Where the frozen networks live: by the logical rules, so a large teacher ViT is
@@ -174,8 +190,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: Preempti
   latest = checkpointer.latest_step()
   if latest is None:
     state, progress = setup.init_state(), {"skipped_records": 0}
-    if tc.init_from:
-      state = setup.start_from_run(state, tc.init_from)
+    # A previous stage's run already holds what pretrained weights would give.
+    state = (setup.start_from_run(state, tc.init_from) if tc.init_from
+             else setup.start_from_weights(state))
     logging.info("starting %s in %s", f"from {tc.init_from}" if tc.init_from else "from scratch",
                  workdir)
   else:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from unimm_jax.convert import pretrained
 from unimm_jax.data import text_corpus
 from unimm_jax.data import text_tokenizer
 from unimm_jax.inference import restore
@@ -80,6 +81,15 @@ class LMTask:
   def init_params(self, rng: jax.Array):
     """The LLM's params (boxed), as inference restores them."""
     return self.model.init(rng, jnp.zeros((1, self.config.data.seq_len), jnp.int32))["params"]
+
+  def initial_weights(self) -> dict | None:
+    """A fresh run's LLM from config.model.init_path (a transformers checkpoint of
+    config.model's architecture), or None when it is empty."""
+    path = self.config.model.init_path
+    if not path:
+      return None
+    return pretrained.starting_sources(path, self.model.config, where="config.model.init_path",
+                                       scan_layers=self.model.config.scan_layers)
 
   def init(self, rng: jax.Array) -> TrainState:
     return TrainState.create(self.init_params(rng), self.optimizer.tx,

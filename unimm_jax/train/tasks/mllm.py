@@ -88,6 +88,9 @@ class MLLMTask:
   def init_params(self, rng: jax.Array) -> dict:
     return self.system.init_params(rng)
 
+  def initial_weights(self) -> dict | None:
+    return self.system.initial_weights()
+
   def init(self, rng: jax.Array) -> TrainState:
     return TrainState.create(self.init_params(rng), self.optimizer.tx,
                              ema=self.config.ema_decay > 0)

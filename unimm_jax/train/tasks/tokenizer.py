@@ -304,6 +304,13 @@ class TokenizerTask:
     n = image_codec.decode_file(decode, input_file, output_dir)
     return f"decoded {n} images from {input_file} into {output_dir}"
 
+  def initial_weights(self) -> dict | None:
+    """Pretrained sources of some params for a fresh run (the spec's, from paths in
+    config.model), or None."""
+    if self.spec.initial_weights is None:
+      return None
+    return self.spec.initial_weights(self.config.model)
+
   def import_variables(self, path: str) -> dict:
     """`--mode=import`: variables ({'params', plus state collections}) from the authors'
     released weights at `path`."""
