@@ -33,7 +33,8 @@ setuptools.setup(
         "matplotlib",  # notebooks
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
+        # pytest-xdist: launch/test.sh runs the suite on two workers (one per CI core).
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
         # Parity tests against PyTorch references. Pinned: 2.13.0 is the CPU build on
         # this project's machines; an unpinned torch pulls a multi-GB CUDA build.
         # transformers writes the tiny HF checkpoints the import tests load and compare against.

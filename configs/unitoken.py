@@ -84,16 +84,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       warmup_steps=20, grad_clip=4.0, groups=ml_collections.ConfigDict()))
   _freeze_vit_embeddings(config)
   config.ema_decay = 0.0
-  config.generation = ml_collections.ConfigDict(dict(cfg_scale=3.0, temperature=1.0, top_k=0))
-  config.train.batch_size = 16
-  config.train.steps = 500
-  config.train.log_every = 25
-  config.train.image_every = 250
-  config.train.checkpoint_every = 250
-  config.train.eval_every = 250
-  config.eval = ml_collections.ConfigDict(dict(
-      batch_size=16, num_batches=2, num_answers=96, num_generations=32,
-      max_answer_tokens=6))
+  # top_k 0 and top_p 1.0: no filter.
+  config.generation = ml_collections.ConfigDict(dict(cfg_scale=3.0, temperature=1.0, top_k=0,
+                                                     top_p=1.0))
+  config_defaults.set_mllm_schedule(config)
   config = config_defaults.apply_variants(config, arg, _VARIANTS, "configs/unitoken.py")
   _set_scene_tokens(config)
   return config
@@ -123,10 +117,7 @@ def _tiny(config):
   config.adapter_hidden = 32
   config.data.seq_len = 160
   config.data.image_size = 32
-  config_defaults.set_test_schedule(config)
-  config.optim.warmup_steps, config.optim.schedule = 0, "constant"
-  config.eval.update(dict(batch_size=8, num_batches=1, num_answers=8, num_generations=4,
-                          max_answer_tokens=3))
+  config_defaults.set_mllm_test_schedule(config)
 
 
 def _demo(config):

@@ -9,9 +9,10 @@ Each end-to-end run is a separate process (as a user would start it), so device 
 differ between runs. Runs are session-scoped and shared by the tests that read them.
 
 The session shares one fresh persistent compilation cache, set up before jax is imported
-and inherited by every subprocess: the many runs of the same tiny configs compile each
-program once (a tiny UniWeTok run drops from ~34 s to ~12 s on 2 cores), which keeps the
-suite inside CI's time budget. It starts empty, so every program is compiled in a session.
+and inherited by every subprocess and pytest-xdist worker (`launch/test.sh` runs two): the
+many runs of the same tiny configs compile each program once (a tiny UniWeTok run drops
+from ~34 s to ~12 s on 2 cores), which keeps the suite inside CI's time budget. It starts
+empty, so every program is compiled in a session.
 """
 import json
 import os
@@ -19,7 +20,10 @@ import subprocess
 import sys
 import tempfile
 
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="unimm_jax_xla_cache_")
+# pytest-xdist workers inherit the controller's environment: they share its cache.
+if "UNIMM_JAX_TEST_CACHE" not in os.environ:
+  os.environ["UNIMM_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="unimm_jax_xla_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["UNIMM_JAX_TEST_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
@@ -165,6 +169,16 @@ def eight_device_run(tmp_path_factory):
   return workdir
 
 
+def assert_exact_losses_match(got: dict, reference: dict, steps=(1, 2, 3, 4)) -> None:
+  """Per-step loss and gradient norm of two runs on the same data in different layouts,
+  equal up to reduction order (models without a discrete choice that float noise flips)."""
+  for step in steps:
+    np.testing.assert_allclose(got[step]["loss"], reference[step]["loss"], rtol=2e-5,
+                               err_msg=f"step {step}")
+    np.testing.assert_allclose(got[step]["grad_norm"], reference[step]["grad_norm"],
+                               rtol=2e-4, err_msg=f"step {step}")
+
+
 def assert_losses_match(got: dict, reference: dict, steps=(1, 2, 3, 4)) -> None:
   """Per-step losses (read_metrics records) of two runs on the same data, different layouts.
 
@@ -196,3 +210,23 @@ def inception_weights_file(inception_reference, tmp_path_factory):
   path = str(tmp_path_factory.mktemp("inception") / "fid_inception.safetensors")
   save_file(inception_reference["state_dict"], path)
   return path
+
+
+def check_chat_and_generate(workdir, tmp_path, *generate_flags, devices: int = 1) -> None:
+  """On a trained MLLM workdir (32 px images): `--mode=chat` prints an answer about a
+  half-red image, and `--mode=generate` (with `generate_flags`, on `devices`) writes two
+  32 px PNGs."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = np.zeros((32, 32, 3), np.uint8)
+  image[:, :16] = (220, 30, 30)
+  Image.fromarray(image).save(tmp_path / "scene.png")
+  chat = run_main(workdir, f"--image={tmp_path / 'scene.png'}",
+                  "--prompt=How many objects are there?", config=None, mode="chat")
+  assert chat.stdout.strip()  # a (random) answer, printed
+  out = tmp_path / "images"
+  gen = run_main(workdir, "--prompt=a red circle on the left", f"--output={out}",
+                 "--num_images=2", *generate_flags, config=None, mode="generate",
+                 devices=devices)
+  assert sorted(os.listdir(out)) == ["image_000.png", "image_001.png"]
+  assert np.asarray(Image.open(out / "image_000.png")).shape == (32, 32, 3)
+  assert "wrote 2 images" in gen.stdout

@@ -471,3 +471,58 @@ def test_slot_counts():
   assert math.prod(anyres.grid_shape((1000, 500), paper)) == 2
   with pytest.raises(ValueError, match='multiples of the tile size'):
     anyres.AnyRes(384, 27, ((384, 700),))
+
+
+# ---- the plain layout and the ChatML template ------------------------------------------------
+
+PLAIN_IDS = SpecialIds(pad=0, bos=5, eos=6, boi=20, eoi=21)
+PLAIN_SLOTS = ImageSlots(image_size=8, discrete_side=2, size_unit=8, anyres=None,
+                         layout='plain')
+
+
+def test_plain_layout_reads_features_and_writes_marked_code_slots():
+  """LLaVA's layout: a user image is D^2 unmarked, unsupervised feature slots; an assistant
+  image is [BOI] D^2 supervised code slots [EOI]."""
+  tok = WordTokenizer()
+  und = mllm_sequence.encode_conversation(_understanding(_image(8, 8)), tok, PLAIN_IDS,
+                                          PLAIN_SLOTS)
+  start = len(tok.encode('<user>')) + 1
+  assert und.tokens[start:start + 4].tolist() == [0] * 4
+  assert und.continuous_slot[start:start + 4].tolist() == [0, 1, 2, 3]
+  assert not und.supervised[start:start + 4].any() and (und.discrete_slot < 0).all()
+  gen = mllm_sequence.encode_conversation(_generation(_image(8, 8)), tok, PLAIN_IDS,
+                                          PLAIN_SLOTS)
+  boi = gen.tokens.tolist().index(20)
+  assert gen.tokens[boi:boi + 6].tolist() == [20, 0, 0, 0, 0, 21]
+  assert gen.discrete_slot[boi + 1:boi + 5].tolist() == [0, 1, 2, 3]
+  assert gen.supervised[boi:boi + 6].all() and (gen.continuous_slot < 0).all()
+  assert PLAIN_SLOTS.features_per_image == PLAIN_SLOTS.codes_per_image == 4
+  with pytest.raises(ValueError, match="plain layout needs a discrete_side and no anyres"):
+    ImageSlots(image_size=8, discrete_side=None, size_unit=8, anyres=SLOTS.anyres,
+               layout='plain')
+  with pytest.raises(ValueError, match="'rows' image layout needs"):
+    PLAIN_IDS.check(None, SLOTS)
+
+
+def test_chatml_template_is_qwens_format():
+  """<|im_start|>role\\n content <|im_end|>\\n per turn, Qwen's default system turn first,
+  no BOS; the assistant's text and <|im_end|> are supervised, the newline after it not."""
+  tok = text_tokenizer.load_tokenizer('byte')
+  ids = SpecialIds(pad=tok.pad_id, bos=tok.bos_id, eos=tok.encode('<|im_end|>')[0], boi=250,
+                   eoi=251)
+  record = {'kind': 'understanding', 'meta': {}, 'messages': [
+      {'role': 'user', 'content': [{'type': 'text', 'text': 'Hi?'}]},
+      {'role': 'assistant', 'content': [{'type': 'text', 'text': 'Yes'}]}]}
+  seq = mllm_sequence.encode_conversation(record, tok, ids, PLAIN_SLOTS, template='chatml')
+  want = ('<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n'
+          '<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nYes<|im_end|>\n')
+  assert seq.tokens.tolist() == tok.encode(want)
+  supervised = tok.decode(seq.tokens[seq.supervised].tolist())
+  assert supervised == 'Yes<|im_end|>'
+  prompt = mllm_sequence.encode_conversation(record, tok, ids, PLAIN_SLOTS, template='chatml',
+                                             generation_prompt='image')
+  assert tok.decode(prompt.tokens[:-1].tolist()).endswith(
+      '<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n')
+  assert prompt.tokens[-1] == 250
+  with pytest.raises(ValueError, match="not the end-of-turn id"):
+    mllm_sequence.encode_conversation(record, tok, PLAIN_IDS, PLAIN_SLOTS, template='chatml')

@@ -90,8 +90,8 @@ def test_cfg_image_generation_matches_full_recomputation_and_grammar(system_and_
   cond = _left_padded([[ids.bos, 7, 8, 9, ids.boi], [ids.bos, 10, ids.boi]], ids.pad)
   uncond = _left_padded([[ids.boi], [ids.boi]], ids.pad)
   scale = 3.0
-  step_fn, _, n = system.image_step(params, cfg_scale=scale, temperature=0.0, top_k=None,
-                                    batch_size=2)
+  step_fn, _, n = system.image_step(params, None, cfg_scale=scale, temperature=0.0, top_k=None,
+                                    top_p=None, batch_size=2)
   got = _run(system, params, [cond, uncond], step_fn, n)
   grammar = system._grammar()
 
@@ -111,8 +111,8 @@ def test_cfg_image_generation_matches_full_recomputation_and_grammar(system_and_
     assert ((body[:, :-1] >= ids.image_offset)
             & (body[:, :-1] < ids.image_offset + ids.num_image_codes)).all()
   # Guidance changes the choice somewhere (otherwise the uncond stream would be unused).
-  plain_fn, _, _ = system.image_step(params, cfg_scale=1.0, temperature=0.0, top_k=None,
-                                     batch_size=2)
+  plain_fn, _, _ = system.image_step(params, None, cfg_scale=1.0, temperature=0.0, top_k=None,
+                                     top_p=None, batch_size=2)
   assert (_run(system, params, [cond], plain_fn, n) != got).any()
 
 

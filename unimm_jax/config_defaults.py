@@ -84,6 +84,28 @@ def set_test_schedule(config: ml_collections.ConfigDict) -> None:
                            checkpoint_every=2, eval_every=4))
 
 
+def set_mllm_schedule(config: ml_collections.ConfigDict) -> None:
+  """The unified systems' default cadence on the built-in scenes: 500 steps of batch 16,
+  logged every 25; grids, checkpoints and evaluations every 250 (`config.eval`: 2 packed
+  batches of 16 rows for the loss, 96 held-out questions answered in at most 6 tokens and
+  32 generation prompts)."""
+  config.train.update(dict(batch_size=16, steps=500, log_every=25, image_every=250,
+                           checkpoint_every=250, eval_every=250))
+  config.eval = ml_collections.ConfigDict(dict(
+      batch_size=16, num_batches=2, num_answers=96, num_generations=32,
+      max_answer_tokens=6))
+
+
+def set_mllm_test_schedule(config: ml_collections.ConfigDict) -> None:
+  """A unified system's `tiny` cadence: `set_test_schedule`, a constant learning rate
+  without warmup, and an evaluation on one batch of 8 rows, 8 questions answered in at most
+  3 tokens and 4 generation prompts."""
+  set_test_schedule(config)
+  config.optim.warmup_steps, config.optim.schedule = 0, "constant"
+  config.eval.update(dict(batch_size=8, num_batches=1, num_answers=8, num_generations=4,
+                          max_answer_tokens=3))
+
+
 def teacher_config() -> ml_collections.ConfigDict:
   """A frozen ViT teacher (`unimm_jax.models.teacher.load_teacher`); empty path = none."""
   return ml_collections.ConfigDict(dict(

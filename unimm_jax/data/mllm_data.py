@@ -180,13 +180,14 @@ def make_conversation_sources(data_config: ml_collections.ConfigDict, split: str
 class _EncodeRecord:
   """record | Unreadable -> EncodedSequence | Unreadable (`mllm_sequence`); picklable."""
 
-  def __init__(self, tokenizer, ids: SpecialIds, slots: ImageSlots):
-    self.tokenizer, self.ids, self.slots = tokenizer, ids, slots
+  def __init__(self, tokenizer, ids: SpecialIds, slots: ImageSlots, template: str):
+    self.tokenizer, self.ids, self.slots, self.template = tokenizer, ids, slots, template
 
   def __call__(self, record):
     if isinstance(record, Unreadable):
       return record
-    return mllm_sequence.encode_conversation(record, self.tokenizer, self.ids, self.slots)
+    return mllm_sequence.encode_conversation(record, self.tokenizer, self.ids, self.slots,
+                                             template=self.template)
 
 
 class _KindMixture(grain.MapDataset):
@@ -337,7 +338,7 @@ def build_mllm_train_dataset(data_config: ml_collections.ConfigDict, tokenizer,
   parents = [shuffled_shard(source, seed=int(seed), unit='records')
              for source, seed in zip(sources.values(), seeds[1:])]
   stream = _KindMixture(parents, list(weights.values()), int(seeds[0]))
-  stream = stream.map(_EncodeRecord(tokenizer, ids, slots))
+  stream = stream.map(_EncodeRecord(tokenizer, ids, slots, data_config.chat_template))
   layout = MultimodalRows(data_config.seq_len, data_config.images_per_row, slots, ids.pad)
   limit = max_consecutive_skips(range(sum(len(s) for s in sources.values())))  # by length
   global_batch = batch_size * shard_count
@@ -382,7 +383,7 @@ def build_mllm_eval_batches(data_config: ml_collections.ConfigDict, tokenizer,
                      f'{max_batches}')
   order, sources = _eval_stream(data_config)
   records = grain.MapDataset.source(order).map(lambda ki: sources[ki[0]][ki[1]])
-  records = records.map(_EncodeRecord(tokenizer, ids, slots)).to_iter_dataset(
+  records = records.map(_EncodeRecord(tokenizer, ids, slots, data_config.chat_template)).to_iter_dataset(
       grain.ReadOptions(num_threads=_EVAL_READ_THREADS, prefetch_buffer_size=_EVAL_READ_AHEAD))
   layout = MultimodalRows(data_config.seq_len, data_config.images_per_row, slots, ids.pad)
   rows = PackedIterDataset(records, layout, len(order) + 1).batch(batch_size)

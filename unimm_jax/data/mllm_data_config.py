@@ -9,6 +9,8 @@
     eval_path             ''        jsonl eval files, as `path`; '' holds out every
                                     `mllm_data.HOLDOUT_STRIDE`-th record of each kind
     tokenizer             'byte'    'byte', 'scene_words' or an HF tokenizer directory
+    chat_template         'plain'   the turn template: 'plain' or 'chatml' (Qwen's;
+                                    mllm_sequence.py)
     seq_len               1024      tokens per packed row (L)
     images_per_row        4         images a packed row holds (P)
     image_size            64        scenes: side in px of the rendered images
@@ -34,6 +36,7 @@ import ml_collections
 
 MLLM_SOURCES = ('scenes', 'jsonl')
 BUILTIN_TOKENIZERS = ('byte', 'scene_words')
+CHAT_TEMPLATES = ('plain', 'chatml')  # mllm_sequence.TEMPLATES (no import: model-free checks)
 _MAX_QUESTIONS_PER_IMAGE = 6  # len(scene_conversations.QUESTION_TYPES)
 # SceneConversations' split sizes (scenes.SPLITS), checked here without importing scenes.
 _SCENE_SPLIT_SIZES = {'num_train_examples': 1_000_000, 'num_eval_examples': 10_000}
@@ -47,6 +50,7 @@ def default_mllm_data_config() -> ml_collections.ConfigDict:
       'image_root': '',
       'eval_path': '',
       'tokenizer': 'byte',
+      'chat_template': 'plain',
       'seq_len': 1024,
       'images_per_row': 4,
       'image_size': 64,
@@ -82,6 +86,9 @@ def validate_mllm_data_config(data_config: ml_collections.ConfigDict) -> None:
     value = data_config[field]
     if not _is_int(value) or value < minimum:
       raise ValueError(f'data_config.{field} must be an int >= {minimum}, got {value!r}')
+  if data_config.chat_template not in CHAT_TEMPLATES:
+    raise ValueError(f'data_config.chat_template must be one of {CHAT_TEMPLATES}, got '
+                     f'{data_config.chat_template!r}')
   if data_config.shuffle_seed >= 2**32:  # grain's shuffle takes a uint32 seed
     raise ValueError(f'data_config.shuffle_seed must be < 2**32, got {data_config.shuffle_seed}')
   for field in ('understanding_weight', 'generation_weight'):

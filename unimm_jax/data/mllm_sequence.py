@@ -5,15 +5,20 @@ A record (the MLLM data contract): `{'kind': 'understanding' | 'generation', 'me
 {'type': 'image', 'image': uint8 (H, W, 3)} | {'type': 'image', 'path': str}, ...]}, ...],
 'meta': {...}}`.
 
-Turn template (`encode_conversation`), one for every tokenizer:
+Turn templates (`encode_conversation`, config.data.chat_template):
 
-    [BOS] { tokenizer.encode('<' + role + '>') content [EOS] } per message
+    plain   [BOS] { tokenizer.encode('<' + role + '>') content [EOS] } per message
+    chatml  { encode('<|im_start|>' + role + '\n') content [EOS] encode('\n') } per message,
+            after a system turn holding CHATML_SYSTEM_PROMPT when the conversation has
+            none; [EOS] must be the tokenizer's `<|im_end|>` (Qwen's format, as the EvoTok
+            authors' `conv_qwen` renders it)
 
 where content is its text items (`tokenizer.encode(text)`) and image spans in order and
 [EOS] is `ids.eos`, the end of a turn. The role marker is encoded on its own, so a BPE
 never merges it with the content; tokenizers that have `<user>` / `<assistant>` as special
-tokens (the scenes' word tokenizer) give it one id, others spell it. An image span
-(UniToken's layout):
+tokens (the scenes' word tokenizer) give it one id, others spell it.
+
+An image span has one of two layouts (`ImageSlots.layout`). 'rows' (UniToken's):
 
     [BOI] [size] [size] { D rows of: D code slots, [EOR] } [SEP] {continuous} [EOI]
 
@@ -21,6 +26,11 @@ size = `ids.size_base + image_size // size_unit` (square: height and width); the
 slots hold the pad id (the step fills them with `image_offset + code`); the discrete part
 only with `slots.discrete_side` = D, [SEP] and the continuous part (`anyres.continuous_slots`:
 ViT feature slots holding pad, and [EOR] text tokens) only with `slots.anyres`.
+
+'plain' (LLaVA's, as EvoTok's MLLM lays images out): an image the model reads (a user or
+system turn) is F = D^2 continuous slots and nothing else; an image it writes (an assistant
+turn) is [BOI] {D^2 code slots, row-major} [EOI], whose codes a generation head predicts
+rather than the LM head (the system says so: `UnifiedSystem.codes_in_vocabulary`).
 
 Supervision (`supervised[t]`: token t is a target): user and system turns never; an
 assistant turn's text, image span and [EOS] are; inside an image span [BOI], size, code,
@@ -43,15 +53,25 @@ import numpy as np
 from unimm_jax.data.anyres import EOR_SLOT, AnyRes, continuous_slots, vit_tiles
 from unimm_jax.data.transforms import Unreadable, as_rgb_uint8, crop_or_resize, decode_rgb
 from unimm_jax.data.transforms import normalize
+from unimm_jax.data.text_tokenizer import IM_END
 
 KINDS = ('understanding', 'generation')
 ROLES = ('system', 'user', 'assistant')
 GENERATION_PROMPTS = ('answer', 'image')
 
 
-def role_prefix(role: str) -> str:
+TEMPLATES = ('plain', 'chatml')
+# Qwen's ChatML as the EvoTok authors' `conv_qwen` renders it: its system turn when a
+# conversation has none.
+CHATML_SYSTEM_PROMPT = 'You are a helpful assistant.'
+
+
+def role_prefix(role: str, template: str = 'plain') -> str:
   """The text that opens a turn of `role` (module docstring)."""
-  return f'<{role}>'
+  return f'<|im_start|>{role}\n' if template == 'chatml' else f'<{role}>'
+
+
+LAYOUTS = ('rows', 'plain')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +80,23 @@ class ImageSlots:
 
   image_size: square side in pixels given to the discrete tokenizer.
   discrete_side: D, codes per side (image_size // downsample); None: no discrete branch.
-  size_unit: pixels per size-token unit (Chameleon: 32).
+  size_unit: pixels per size-token unit (Chameleon: 32; 'plain' has no size tokens).
   anyres: the continuous branch's tiling; None: no continuous branch.
+  layout: 'rows' or 'plain' (module docstring); 'plain' needs discrete_side and no anyres
+    (its continuous slots are the D^2 tokens of the image).
   """
 
   image_size: int
   discrete_side: int | None
   size_unit: int
   anyres: AnyRes | None
+  layout: str = 'rows'
 
   def __post_init__(self):
+    if self.layout not in LAYOUTS:
+      raise ValueError(f'ImageSlots: layout {self.layout!r} is not one of {LAYOUTS}')
+    if self.layout == 'plain' and (self.discrete_side is None or self.anyres is not None):
+      raise ValueError('ImageSlots: the plain layout needs a discrete_side and no anyres')
     if self.image_size <= 0 or self.size_unit <= 0 or self.image_size % self.size_unit:
       raise ValueError(f'ImageSlots: image_size {self.image_size} must be a positive multiple '
                        f'of size_unit {self.size_unit}')
@@ -86,7 +113,9 @@ class ImageSlots:
 
   @property
   def features_per_image(self) -> int:
-    """F continuous feature rows per image (0 without anyres)."""
+    """F continuous feature rows per image (plain: D^2; 0 without anyres)."""
+    if self.layout == 'plain':
+      return self.codes_per_image
     return 0 if self.anyres is None else self.anyres.features_per_image
 
   @property
@@ -99,18 +128,20 @@ class ImageSlots:
 class SpecialIds:
   """The ids of the image layout and of turns (Chameleon's at paper size: pad 0, bos 0,
   eos 8710, boi 8197, eoi 8196, sep 8198, eor 8803, size_base 8804, image_offset 4,
-  num_image_codes 8192). Code c has id image_offset + c; size n has id size_base + n."""
+  num_image_codes 8192). Code c has id image_offset + c; size n has id size_base + n.
+  The 'plain' layout uses none of sep, eor, size_base and image codes (None, 0): its codes
+  are not vocabulary ids."""
 
   pad: int
   bos: int
   eos: int
   boi: int
   eoi: int
-  sep: int
-  eor: int
-  size_base: int
-  image_offset: int
-  num_image_codes: int
+  sep: int | None = None
+  eor: int | None = None
+  size_base: int | None = None
+  image_offset: int | None = None
+  num_image_codes: int = 0
 
   def size_token(self, units: int) -> int:
     return self.size_base + units
@@ -118,12 +149,24 @@ class SpecialIds:
   def image_ids(self, slots: ImageSlots | None = None) -> dict[str, range]:
     """Name -> ids of everything that belongs to images (size tokens only with `slots`)."""
     named = {name: range(getattr(self, name), getattr(self, name) + 1)
-             for name in ('boi', 'eoi', 'sep', 'eor')}
-    named['image codes'] = range(self.image_offset, self.image_offset + self.num_image_codes)
-    if slots is not None:
+             for name in ('boi', 'eoi', 'sep', 'eor') if getattr(self, name) is not None}
+    if self.num_image_codes:
+      named['image codes'] = range(self.image_offset, self.image_offset + self.num_image_codes)
+    if slots is not None and slots.layout == 'rows' and self.size_base is not None:
       size = self.size_token(slots.size_units)
       named['size token'] = range(size, size + 1)
     return named
+
+  def missing_for(self, slots: ImageSlots) -> list[str]:
+    """The fields `slots`' layout needs that are None (or 0 image codes)."""
+    if slots.layout != 'rows':
+      return []
+    needed = ['size_base'] + (['eor'] if slots.discrete_side else []) + (
+        ['sep', 'eor'] if slots.anyres is not None else [])
+    missing = sorted({name for name in needed if getattr(self, name) is None})
+    if slots.discrete_side and (self.image_offset is None or not self.num_image_codes):
+      missing.append('image_offset / num_image_codes')
+    return missing
 
   def check(self, tokenizer, slots: ImageSlots | None = None) -> None:
     """Raises ValueError naming the ids that collide.
@@ -135,8 +178,11 @@ class SpecialIds:
     `decode([id], skip_special_tokens=True)` spells), which text could encode to. A
     vocabulary that holds the image tokens itself must mark them special.
     """
-    if min(dataclasses.astuple(self)) < 0 or self.num_image_codes <= 0:
-      raise ValueError(f'SpecialIds must be >= 0 with num_image_codes > 0: {self}')
+    if min(v for v in dataclasses.astuple(self) if v is not None) < 0:
+      raise ValueError(f'SpecialIds must be >= 0: {self}')
+    if slots is not None and self.missing_for(slots):
+      raise ValueError(f'SpecialIds: the {slots.layout!r} image layout needs '
+                       f'{self.missing_for(slots)}')
     named = dict(self.image_ids(slots))
     named.update(bos=range(self.bos, self.bos + 1), eos=range(self.eos, self.eos + 1))
     items = list(named.items())
@@ -259,9 +305,24 @@ class _Builder:
     self.continuous += [-1] * n if continuous is None else list(continuous)
 
 
+def _add_plain_image(out: _Builder, j: int, ids: SpecialIds, slots: ImageSlots,
+                     in_answer: bool) -> None:
+  """Appends image j in the plain layout (module docstring)."""
+  n = slots.codes_per_image
+  if in_answer:
+    out.add([ids.boi], True)
+    out.add([ids.pad] * n, True, discrete=range(j * n, (j + 1) * n))
+    out.add([ids.eoi], True)
+  else:
+    out.add([ids.pad] * n, False, continuous=range(j * n, (j + 1) * n))
+
+
 def _add_image(out: _Builder, image: np.ndarray, j: int, ids: SpecialIds, slots: ImageSlots,
                in_answer: bool) -> None:
   """Appends the span of image j (module docstring)."""
+  if slots.layout == 'plain':
+    _add_plain_image(out, j, ids, slots, in_answer)
+    return
   out.add([ids.boi] + [ids.size_token(slots.size_units)] * 2, in_answer)
   side = slots.discrete_side
   for row in range(side or 0):
@@ -300,8 +361,8 @@ def _finish(out: _Builder, images: list, tiles: list, slots: ImageSlots | None,
 
 
 def encode_conversation(record: dict, tokenizer, ids: SpecialIds, slots: ImageSlots, *,
-                        generation_prompt: str | None = None,
-                        image_root: str = '') -> EncodedSequence | Unreadable:
+                        generation_prompt: str | None = None, image_root: str = '',
+                        template: str = 'plain') -> EncodedSequence | Unreadable:
   """The sequence of `record` (module docstring), or `Unreadable` when an image fails.
 
   Args:
@@ -313,6 +374,7 @@ def encode_conversation(record: dict, tokenizer, ids: SpecialIds, slots: ImageSl
       left out) and ends after the assistant prefix, so the model writes the answer;
       'image' does the same and appends [BOI], the start of a generated image.
     image_root: the directory relative image paths are read from.
+    template: 'plain' or 'chatml', the turn template (module docstring).
   """
   problem = record_problem(record)
   if problem:
@@ -326,11 +388,22 @@ def encode_conversation(record: dict, tokenizer, ids: SpecialIds, slots: ImageSl
     if not users:
       raise ValueError('a generation prompt needs a user turn')
     messages = messages[:users[-1] + 1]
+  if template not in TEMPLATES:
+    raise ValueError(f'chat template {template!r} is not one of {TEMPLATES}')
   out, images, tiles, sizes = _Builder(), [], [], []
-  out.add([ids.bos], False)
+  if template == 'chatml':
+    if tokenizer.encode(IM_END) != [ids.eos]:
+      raise ValueError(f'the chatml template ends a turn with {IM_END}, which the tokenizer '
+                       f'encodes as {tokenizer.encode(IM_END)}, not the end-of-turn id '
+                       f'{ids.eos} (config.tokens.eos)')
+    if messages[0]['role'] != 'system':
+      messages = [{'role': 'system', 'content': [{'type': 'text', 'text': CHATML_SYSTEM_PROMPT}]}
+                  ] + list(messages)
+  else:
+    out.add([ids.bos], False)
   for message in messages:
     in_answer = message['role'] == 'assistant'
-    out.add(tokenizer.encode(role_prefix(message['role'])), False)
+    out.add(tokenizer.encode(role_prefix(message['role'], template)), False)
     for item in message['content']:
       if item['type'] == 'text':
         out.add(tokenizer.encode(item['text']), in_answer)
@@ -345,8 +418,10 @@ def encode_conversation(record: dict, tokenizer, ids: SpecialIds, slots: ImageSl
       if slots.anyres is not None:
         tiles.append(vit_tiles(image, slots.anyres))
     out.add([ids.eos], in_answer)
+    if template == 'chatml':
+      out.add(tokenizer.encode('\n'), False)
   if generation_prompt is not None:
-    out.add(tokenizer.encode(role_prefix('assistant')), False)
+    out.add(tokenizer.encode(role_prefix('assistant', template)), False)
     if generation_prompt == 'image':
       out.add([ids.boi], False)
   meta = {**record.get('meta', {}), 'kind': record['kind'], 'image_wh': sizes}

@@ -96,3 +96,16 @@ def embed_ids(model: llm.LLM, params, ids: jax.Array) -> jax.Array:
 def logits(model: llm.LLM, params, hidden: jax.Array) -> jax.Array:
   """(b, d) hidden states -> (b, vocab) float32 logits of the LM head."""
   return model.apply({'params': params}, hidden[:, None], method=llm.LLM.logits)[:, 0]
+
+
+def greedy_text_step(model: llm.LLM, params, allowed: jax.Array, eos_id: int) -> StepFn:
+  """A step_fn for greedy answers: the most likely of the `allowed` (vocab,) bool ids from
+  the first stream, fed back through the LLM's embedding; a row is done at `eos_id`."""
+
+  def step_fn(hidden, state, rng, step):
+    del rng, step
+    scores = jnp.where(allowed, logits(model, params, hidden[0]), -jnp.inf)
+    token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    return token, embed_ids(model, params, token[:, None])[:, 0], state, token == eos_id
+
+  return step_fn

@@ -3,7 +3,7 @@
   runner = MLLMRunner(system, tokenizer, max_answer_tokens=32)
   answers = runner.answer(params, frozen, records)            # list[str], greedy
   images = runner.generate(params, frozen, prompts, cfg_scale=3.0, temperature=1.0,
-                           top_k=None, seed=0)                # (n, H, W, 3) in [-1, 1]
+                           top_k=None, top_p=None, seed=0)    # (n, H, W, 3) in [-1, 1]
 
 `records` are conversation records (`unimm_jax.data.mllm_sequence`): a user turn with an
 image and a question; the prompt ends after the assistant's prefix. Image prompts end with
@@ -25,8 +25,10 @@ class MLLMRunner:
   """Jitted answer and image generation for one system (see the module docstring)."""
 
   def __init__(self, system, tokenizer, *, max_answer_tokens: int = 32,
-               place=lambda batch: batch, batch_multiple: int = 1):
+               place=lambda batch: batch, batch_multiple: int = 1,
+               chat_template: str = 'plain'):
     self.system, self.tokenizer = system, tokenizer
+    self.chat_template = chat_template  # mllm_sequence's turn template
     self.max_answer_tokens = max_answer_tokens
     self.place = place  # host batch -> device batch (e.g. MeshContext.place_batch)
     self.batch_multiple = batch_multiple  # e.g. a mesh's batch shards
@@ -60,7 +62,8 @@ class MLLMRunner:
     """Greedy answers (text up to the end-of-turn id) to the user turns of `records`."""
     sequences = [mllm_sequence.encode_conversation(r, self.tokenizer, self.system.ids,
                                                    self.system.image_slots,
-                                                   generation_prompt='answer')
+                                                   generation_prompt='answer',
+                                                   template=self.chat_template)
                  for r in records]
     outputs = np.asarray(jax.device_get(self._answer(params, frozen, self._collate(sequences))))
     answers = []
@@ -71,30 +74,32 @@ class MLLMRunner:
     return answers
 
   @functools.partial(jax.jit, static_argnums=(0,), static_argnames=('cfg_scale', 'temperature',
-                                                                     'top_k'))
+                                                                     'top_k', 'top_p'))
   def _generate(self, params, frozen, batch, uncond, rng, *, cfg_scale: float,
-                temperature: float, top_k: int | None) -> jax.Array:
+                temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
     streams = [(self.system.embed(params, frozen, batch, train=False, rng=None).embeds,
                 batch['attention_mask'])]
     if uncond is not None:
       streams.append((self.system.embed(params, frozen, uncond, train=False, rng=None).embeds,
                       uncond['attention_mask']))
     step_fn, state, n = self.system.image_step(
-        params, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+        params, frozen, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
         batch_size=batch['tokens'].shape[0])
     outputs, state = generation_loop.run(self.system.llm, params['llm'], streams, step_fn,
                                          state, rng, max_new=n, pad_id=self.system.ids.pad)
     return self.system.render(params, frozen, outputs, state)
 
   def generate(self, params, frozen, prompts: Sequence[str], *, cfg_scale: float = 1.0,
-               temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> np.ndarray:
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int = 0) -> np.ndarray:
     """Images (n, H, W, 3) in [-1, 1] for text prompts, sampled with `seed`."""
     records = [{'kind': 'generation', 'meta': {},
                 'messages': [{'role': 'user', 'content': [{'type': 'text', 'text': p}]}]}
                for p in prompts]
     sequences = [mllm_sequence.encode_conversation(r, self.tokenizer, self.system.ids,
                                                    self.system.image_slots,
-                                                   generation_prompt='image')
+                                                   generation_prompt='image',
+                                                   template=self.chat_template)
                  for r in records]
     uncond = None
     if cfg_scale != 1.0:
@@ -102,5 +107,6 @@ class MLLMRunner:
       uncond = self._collate([blank] * len(prompts))
     images = self._generate(params, frozen, self._collate(sequences), uncond,
                             jax.random.key(seed), cfg_scale=float(cfg_scale),
-                            temperature=float(temperature), top_k=top_k)
+                            temperature=float(temperature), top_k=top_k,
+                            top_p=None if top_p is None else float(top_p))
     return np.asarray(jax.device_get(images))[:len(prompts)]

@@ -8,6 +8,8 @@
 model's state collections (EMA codebooks) if it has any}, the same convention as
 `unimm_jax.convert.load_pretrained`; nothing else of the checkpoint is read.
 """
+import json
+
 import jax
 import ml_collections
 
@@ -32,3 +34,17 @@ def load_tokenizer_run(workdir: str, context: MeshContext | None = None):
   boxed = jax.eval_shape(lambda rng: tokenizers.init_variables(model, config, rng),
                          jax.random.key(0))
   return model, restore.restore_eval_variables(workdir, boxed, context)[1], config
+
+
+def load_matching_run(workdir: str, model_config: ml_collections.ConfigDict) -> dict:
+  """The variables of `workdir`'s tokenizer, which must have been trained with
+  `model_config` (a unified system's config.vq): a differing field is named."""
+  _, variables, saved = load_tokenizer_run(workdir)
+  # JSON form: a restored config holds lists where the config file wrote tuples.
+  saved_fields, wanted = (json.loads(c.to_json()) for c in (saved.model, model_config))
+  diff = sorted(k for k in set(saved_fields) | set(wanted)
+                if saved_fields.get(k) != wanted.get(k))
+  if diff:
+    raise ValueError(f'the tokenizer run {workdir} has a different model config than '
+                     f'config.vq (fields {diff})')
+  return variables

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from unimm_jax.convert import pretrained
@@ -33,17 +34,34 @@ class Embedded:
 
   embeds: (b, L, d) input embeddings, image slots filled.
   tokens: (b, L) int32 ids with discrete image codes filled in (what the LM head is trained
-    to predict one position earlier); slots without an id (continuous) keep the pad id.
+    to predict one position earlier); slots without an id (continuous, or codes that are not
+    vocabulary ids) keep the pad id.
+  image_targets: what a generation head is trained to predict at each slot (EvoTok: the
+    (b, L, L_pix) codes of each code slot), for the system's `generation_losses`; None when
+    the LM head predicts the images.
   """
   embeds: jax.Array
   tokens: jax.Array
+  image_targets: jax.Array | None = None
+
+
+def take_slots(values: jax.Array, index: jax.Array) -> jax.Array:
+  """values (b, n, ...) gathered at a batch's slot index (b, L) -> (b, L, ...); negative
+  indices (no slot) read row 0, which the caller masks out."""
+  return jax.vmap(lambda v, i: v[i])(values, jnp.maximum(index, 0))
 
 
 class UnifiedSystem(abc.ABC):
-  """Built from the whole config; `self.llm` is the shared `unimm_jax.models.llm.LLM`."""
+  """Built from the whole config; `self.llm` is the shared `unimm_jax.models.llm.LLM`.
+
+  codes_in_vocabulary: True when image codes are vocabulary ids that the LM head predicts
+  (UniToken); False when a generation head predicts them (EvoTok's depth transformer): the
+  task's text cross entropy then leaves out the positions whose next token is a code slot.
+  """
   llm: llm.LLM
   ids: SpecialIds
   image_slots: ImageSlots
+  codes_in_vocabulary: bool = True
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -83,13 +101,15 @@ class UnifiedSystem(abc.ABC):
     return None
 
   def generation_losses(self, params: dict, hidden: jax.Array, batch: dict,
-                        embedded: Embedded, rng: jax.Array | None) -> dict[str, jax.Array]:
+                        embedded: Embedded, rng: jax.Array | None, *,
+                        train: bool) -> dict[str, jax.Array]:
     """Loss terms of a generation head on the LLM's hidden states (b, L, d), by name.
 
     Systems that generate image tokens with the LM head (UniToken) return {}: the task's
     next-token CE already covers them. The task weights each term by config.loss[name].
+    `train` switches the head's dropout on (with `rng`).
     """
-    del params, hidden, batch, embedded, rng
+    del params, hidden, batch, embedded, rng, train
     return {}
 
   @abc.abstractmethod
@@ -97,8 +117,9 @@ class UnifiedSystem(abc.ABC):
     """(step_fn, initial state) for greedy text answers (`generation_loop.run`)."""
 
   @abc.abstractmethod
-  def image_step(self, params: dict, *, cfg_scale: float, temperature: float,
-                 top_k: int | None, batch_size: int) -> tuple[Any, Any, int]:
+  def image_step(self, params: dict, frozen: dict, *, cfg_scale: float, temperature: float,
+                 top_k: int | None, top_p: float | None,
+                 batch_size: int) -> tuple[Any, Any, int]:
     """(step_fn, initial state, outputs per image) for image generation; with a CFG scale
     other than 1 the step reads two streams (conditional, unconditional)."""
 

@@ -5,6 +5,7 @@ one is a model file, a spec (in its system file) and a config file, with no bran
 name anywhere else.
 """
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -87,3 +88,23 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict, rng) -> 
 def init_params(model: nn.Module, config: ml_collections.ConfigDict, rng) -> Any:
   """The 'params' collection of `init_variables`."""
   return init_variables(model, config, rng)["params"]
+
+
+def random_variables(model: nn.Module, model_config: ml_collections.ConfigDict,
+                     image_size: int, rng) -> dict:
+  """A random tokenizer's variables (unboxed) for `image_size` images: a unified system's
+  frozen tokenizer when no path is given (tests of the plumbing), and under `jax.eval_shape`
+  its shapes. Built outside any logical rules, which may be active in the caller's context
+  and would constrain the fresh params to a mesh."""
+  config = ml_collections.ConfigDict({"model": model_config.to_dict(),
+                                      "data": {"image_size": image_size}})
+  with nn.logical_axis_rules(()):
+    return nn.unbox(init_variables(model, config, rng))
+
+
+def random_frozen(init_fn: Callable, seed: int, what: str) -> Any:
+  """`init_fn(key(seed))`, jitted, with a warning: a unified system's stand-in for the
+  tokenizer `what` when config.system.tokenizer_path is empty."""
+  logging.warning("config.system.tokenizer_path is empty: the %s is RANDOM (plumbing tests "
+                  "only; images will not mean anything)", what)
+  return jax.jit(init_fn)(jax.random.key(seed))

@@ -22,12 +22,10 @@ configs/chameleon_vqgan.py, the authors' VQGAN state dict (.safetensors), or a t
 `chameleon_vqgan` / `chameleon` directory (no decoder there: config.system.
 tokenizer_decoder_path); empty = a random VQ, for tests of the plumbing only.
 """
-import json
 import logging
 import os
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,25 +41,9 @@ from unimm_jax.inference import tokenizer_run
 from unimm_jax.models import llm
 from unimm_jax.models import vit
 from unimm_jax.nn.dtypes import compute_dtype
-from unimm_jax.nn.linear import Projection
+from unimm_jax.nn.mlp import Projector
 from unimm_jax.systems import tokenizers
-from unimm_jax.systems.mllm_interface import Embedded, UnifiedSystem
-
-
-class Adapter(nn.Module):
-  """ViT features (..., vit_width) -> LLM embeddings (..., out): fc2(gelu(fc1(x))), exact
-  (erf) GELU as torch's nn.GELU()."""
-  hidden: int
-  out: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = Projection((self.hidden,), ('embed', 'mlp'), use_bias=True, dtype=self.dtype,
-                   name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
-    return Projection((self.out,), ('mlp', 'embed'), use_bias=True, dtype=self.dtype,
-                      name='fc2')(x)
+from unimm_jax.systems.mllm_interface import Embedded, UnifiedSystem, take_slots
 
 
 def _vit_config(fields: ml_collections.ConfigDict) -> vit.ViTConfig:
@@ -71,12 +53,6 @@ def _vit_config(fields: ml_collections.ConfigDict) -> vit.ViTConfig:
                        image_size=fields.image_size, use_head=False,
                        dtype=compute_dtype(fields.dtype, 'config.vit.dtype'),
                        scan_layers=fields.scan_layers, remat=fields.remat)
-
-
-def _take_rows(values: jax.Array, index: jax.Array) -> jax.Array:
-  """values (b, n, ...) gathered at index (b, L) (negative -> row 0) -> (b, L, ...)."""
-  safe = jnp.maximum(index, 0)
-  return jax.vmap(lambda v, i: v[i])(values, safe)
 
 
 def _check_same_shapes(params, expected, where: str) -> None:
@@ -117,7 +93,7 @@ class UniToken(UnifiedSystem):
                        f'the image and special ids (largest {top}, config.tokens)')
     self.vit_config = _vit_config(config.vit)
     self.vision = vit.VisionTransformer(self.vit_config)
-    self.adapter = Adapter(config.adapter_hidden, self.llm.config.hidden_size,
+    self.adapter = Projector(config.adapter_hidden, self.llm.config.hidden_size,
                            dtype=self.llm.config.dtype)
     side = config.system.image_size // self.vq_spec.downsample_factor(config.vq)
     anyres = None
@@ -154,17 +130,10 @@ class UniToken(UnifiedSystem):
       sources['vit'] = {k: v for k, v in vit_sources.items() if k != 'head'}
     return sources or None
 
-  def _vq_config(self) -> ml_collections.ConfigDict:
-    """What `tokenizers.init_params` reads: the VQ's model fields at the discrete side."""
-    config = ml_collections.ConfigDict({'model': self.config.vq.to_dict()})
-    config.data = ml_collections.ConfigDict({'image_size': self.config.system.image_size})
-    return config
-
   def _init_vq(self, rng: jax.Array):
-    """A random VQ (unboxed); outside any logical rules, which may be active in the caller's
-    context and would constrain the fresh params to a mesh."""
-    with nn.logical_axis_rules(()):
-      return nn.unbox(tokenizers.init_params(self.vq, self._vq_config(), rng))
+    """A random VQ's params (unboxed)."""
+    return tokenizers.random_variables(self.vq, self.config.vq, self.config.system.image_size,
+                                       rng)['params']
 
   def frozen_shapes(self) -> dict:
     return {'vq': jax.eval_shape(self._init_vq, jax.random.key(0))}
@@ -172,9 +141,7 @@ class UniToken(UnifiedSystem):
   def load_frozen(self) -> dict:
     path = self.config.system.tokenizer_path
     if not path:
-      logging.warning('config.system.tokenizer_path is empty: the VQ tokenizer is RANDOM '
-                      '(plumbing tests only; images will not mean anything)')
-      params = jax.jit(self._init_vq)(jax.random.key(self.config.seed))
+      params = tokenizers.random_frozen(self._init_vq, self.config.seed, 'VQ tokenizer')
     elif path.endswith('.safetensors') or os.path.exists(os.path.join(path, 'config.json')):
       # The authors' state dict, or a transformers chameleon_vqgan / chameleon directory
       # (which holds no decoder: config.system.tokenizer_decoder_path supplies it).
@@ -186,15 +153,7 @@ class UniToken(UnifiedSystem):
                         'empty: generated images are decoded by a RANDOM decoder', path)
       params = variables['params']
     else:
-      _, variables, saved = tokenizer_run.load_tokenizer_run(path)
-      # JSON form: a restored config holds lists where the config file wrote tuples.
-      saved_fields, wanted = (json.loads(c.to_json()) for c in (saved.model, self.config.vq))
-      diff = sorted(k for k in set(saved_fields) | set(wanted)
-                    if saved_fields.get(k) != wanted.get(k))
-      if diff:
-        raise ValueError(f'the tokenizer run {path} has a different model config than '
-                         f'config.vq (fields {diff})')
-      params = variables['params']
+      params = tokenizer_run.load_matching_run(path, self.config.vq)['params']
     _check_same_shapes(params, self.frozen_shapes()['vq'], path)
     return {'vq': jax.tree.map(np.asarray, params)}
 
@@ -219,12 +178,12 @@ class UniToken(UnifiedSystem):
     del train, rng  # no stochastic layers outside the LLM
     tokens, discrete = batch['tokens'], batch['discrete_index']
     if batch['images'].shape[1]:
-      codes = _take_rows(self._codes(frozen, batch['images']), discrete)
+      codes = take_slots(self._codes(frozen, batch['images']), discrete)
       tokens = jnp.where(discrete >= 0, self.ids.image_offset + codes, tokens)
     embeds = self.llm.apply({'params': params['llm']}, tokens, method=llm.LLM.embed)
     if self.image_slots.anyres is not None and batch['vit_tiles'].shape[1]:
       continuous = batch['continuous_index']
-      features = _take_rows(self._features(params, batch['vit_tiles']), continuous)
+      features = take_slots(self._features(params, batch['vit_tiles']), continuous)
       embeds = jnp.where(continuous[..., None] >= 0, features.astype(embeds.dtype), embeds)
     return Embedded(embeds=embeds, tokens=tokens)
 
@@ -240,16 +199,8 @@ class UniToken(UnifiedSystem):
     return ok
 
   def answer_step(self, params):
-    allowed = jnp.asarray(self._text_mask())
-
-    def step_fn(hidden, state, rng, step):
-      del rng, step
-      logits = generation_loop.logits(self.llm, params['llm'], hidden[0])
-      token = jnp.argmax(jnp.where(allowed, logits, -jnp.inf), axis=-1).astype(jnp.int32)
-      embeds = generation_loop.embed_ids(self.llm, params['llm'], token[:, None])[:, 0]
-      return token, embeds, state, token == self.ids.eos
-
-    return step_fn, ()
+    return generation_loop.greedy_text_step(self.llm, params['llm'],
+                                            jnp.asarray(self._text_mask()), self.ids.eos), ()
 
   def _grammar(self) -> np.ndarray:
     """(n, vocab) bool: the ids allowed at each output after [BOI]:
@@ -266,8 +217,8 @@ class UniToken(UnifiedSystem):
     allowed[n - 1, ids.eoi] = True
     return allowed
 
-  def image_step(self, params, *, cfg_scale, temperature, top_k, batch_size):
-    del batch_size
+  def image_step(self, params, frozen, *, cfg_scale, temperature, top_k, top_p, batch_size):
+    del frozen, batch_size  # codes are vocabulary ids: the LM head and its embedding suffice
     grammar = jnp.asarray(self._grammar())
 
     def step_fn(hidden, state, rng, step):
@@ -275,7 +226,7 @@ class UniToken(UnifiedSystem):
       mixed = logits[0] if len(logits) == 1 else sampling.cfg_combine(logits[0], logits[1],
                                                                        cfg_scale)
       mixed = jnp.where(grammar[step], mixed, -jnp.inf)
-      token = sampling.sample_logits(mixed, rng, temperature, top_k)
+      token = sampling.sample_logits(mixed, rng, temperature, top_k, top_p)
       embeds = generation_loop.embed_ids(self.llm, params['llm'], token[:, None])[:, 0]
       return token, embeds, state, jnp.broadcast_to(step == grammar.shape[0] - 1, token.shape)
 

@@ -46,7 +46,7 @@ class MLLMTask:
   throughput_unit = "tokens"
   kind = "a unified multimodal model"
   modes = ("train", "eval", "chat", "generate", "plan")
-  generate_flags = ("output", "num_images", "cfg_scale", "temperature", "top_k")
+  generate_flags = ("output", "num_images", "cfg_scale", "temperature", "top_k", "top_p")
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -149,20 +149,27 @@ class MLLMTask:
     logits = system.llm.apply({"params": params["llm"]}, hidden, method=system.llm.logits)
     targets = shifted_targets(embedded.tokens)
     mask = batch["loss_mask"].astype(jnp.float32)
+    next_is_code = (shifted_targets(batch["discrete_index"]) >= 0).astype(jnp.float32)
+    if not system.codes_in_vocabulary:  # a generation head predicts those
+      mask = mask * (1.0 - next_is_code)
     count = jnp.maximum(jnp.sum(mask), 1.0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    image = (shifted_targets(batch["discrete_index"]) >= 0).astype(jnp.float32) * mask
+    image = next_is_code * mask
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     terms = {"ce": jnp.sum(ce * mask) / count,
              "z_loss": jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * mask) / count}
-    terms.update(system.generation_losses(params, hidden, batch, embedded, head_rng))
+    generation = system.generation_losses(params, hidden, batch, embedded, head_rng,
+                                          train=train)
+    terms.update(generation)
     stats = {"ce_sum": jnp.sum(ce * mask), "correct_sum": jnp.sum(correct * mask),
              "tokens": jnp.sum(mask), "image_ce_sum": jnp.sum(ce * image),
-             "image_tokens": jnp.sum(image)}
+             "image_tokens": jnp.sum(image),
+             **{mllm_eval.GENERATION_PREFIX + k: v for k, v in generation.items()}}
     return terms, stats
 
   def statistics(self, params, frozen, batch) -> dict:
-    """Masked sums over a batch (eval): ce, correct, tokens, image ce and image tokens."""
+    """Masked sums over a batch (eval): ce, correct, tokens, image ce and image tokens, and
+    the system's generation terms (means, under mllm_eval.GENERATION_PREFIX)."""
     return self._terms(params, frozen, batch, jax.random.key(0), train=False)[1]
 
   def train_step(self, state: TrainState, frozen: dict, batch: dict, rng: jax.Array):

@@ -23,6 +23,8 @@ from unimm_jax.inference import mllm_inference
 from unimm_jax.inference import restore
 from unimm_jax.train import metric_logging
 
+GENERATION_PREFIX = "generation/"  # statistics that are a generation head's terms
+
 
 def _rounded(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple if n else 0
@@ -50,7 +52,8 @@ class MLLMEvaluator:
     self.prompts = mllm_data.eval_records(config.data, "generation",
                                           _rounded(config.eval.num_generations, shards))
     self.runner = mllm_inference.MLLMRunner.on_mesh(
-        system, task.tokenizer, context, max_answer_tokens=config.eval.max_answer_tokens)
+        system, task.tokenizer, context, max_answer_tokens=config.eval.max_answer_tokens,
+        chat_template=config.data.chat_template)
     self._step, self._scalars, self.answers, self.images = None, None, [], None
 
   def _loss(self, params) -> dict[str, float]:
@@ -59,8 +62,12 @@ class MLLMEvaluator:
       for name, value in jax.device_get(self.statistics(params, self.frozen, batch)).items():
         totals[name] = totals.get(name, 0.0) + float(value)
     loss = totals["ce_sum"] / max(totals["tokens"], 1.0)
-    return {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)),
-            "eval/image_ce": totals["image_ce_sum"] / max(totals["image_tokens"], 1.0)}
+    scalars = {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)),
+               "eval/image_ce": totals["image_ce_sum"] / max(totals["image_tokens"], 1.0)}
+    # A generation head's terms (EvoTok's depth head): the mean of the batches' values.
+    scalars.update({f"eval/{name[len(GENERATION_PREFIX):]}": value / len(self.batches)
+                    for name, value in totals.items() if name.startswith(GENERATION_PREFIX)})
+    return scalars
 
   def _compute(self, params) -> dict[str, float]:
     gen = self.task.config.generation
@@ -76,7 +83,7 @@ class MLLMEvaluator:
       self.images = self.runner.generate(
           params, self.frozen, [mllm_data.prompt_text(r) for r in self.prompts],
           cfg_scale=gen.cfg_scale, temperature=gen.temperature, top_k=gen.top_k or None,
-          seed=self.task.config.seed)
+          top_p=gen.top_p, seed=self.task.config.seed)
       checks = [scene_checks.check_generated_image(image, r["meta"]["check"])
                 for image, r in zip(self.images, self.prompts)]
       scalars["eval/generation_check"] = float(np.mean(checks))
@@ -167,7 +174,8 @@ def chat(task, context, workdir: str, image_path: str | None, prompt: str) -> st
   record = {"kind": "understanding", "meta": {},
             "messages": [{"role": "user", "content": content}]}
   runner = mllm_inference.MLLMRunner.on_mesh(
-      task.system, task.tokenizer, context, max_answer_tokens=task.config.eval.max_answer_tokens)
+      task.system, task.tokenizer, context, max_answer_tokens=task.config.eval.max_answer_tokens,
+      chat_template=task.config.data.chat_template)
   with context.activate():
     return runner.answer(params, _frozen(task, context), [record])[0]
 
@@ -175,16 +183,18 @@ def chat(task, context, workdir: str, image_path: str | None, prompt: str) -> st
 def generate_to_folder(task, context, workdir: str, prompt: str, *, output: str,
                        num_images: int = 4, cfg_scale: float | None = None,
                        temperature: float | None = None, top_k: int | None = None,
-                       seed: int = 0) -> str:
+                       top_p: float | None = None, seed: int = 0) -> str:
   """`--mode=generate`: `num_images` images for `prompt` as PNGs in `output`."""
   gen = task.config.generation
   _, params = _restore(task, context, workdir)
-  runner = mllm_inference.MLLMRunner.on_mesh(task.system, task.tokenizer, context)
+  runner = mllm_inference.MLLMRunner.on_mesh(task.system, task.tokenizer, context,
+                                             chat_template=task.config.data.chat_template)
   with context.activate():
     images = runner.generate(params, _frozen(task, context), [prompt] * num_images,
                              cfg_scale=gen.cfg_scale if cfg_scale is None else cfg_scale,
                              temperature=gen.temperature if temperature is None else temperature,
-                             top_k=(gen.top_k or None) if top_k is None else top_k, seed=seed)
+                             top_k=(gen.top_k or None) if top_k is None else top_k,
+                             top_p=gen.top_p if top_p is None else top_p, seed=seed)
   os.makedirs(output, exist_ok=True)
   for i, image in enumerate(images):
     image_io.save_png(os.path.join(output, f"image_{i:03d}.png"), image_io.to_uint8(image))
