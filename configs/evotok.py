@@ -11,6 +11,7 @@ Variants, chosen by the text after the colon (comma-separated, applied in order)
           authors' teacher), --config.model.encoder.init_path (the same directory: the
           encoder starts from it, as the authors') and --config.lpips.path.
   demo    a small EvoTok on 64 px crops of the built-in photos that trains on 2 CPU cores.
+  scenes  a 32 px EvoTok on the built-in procedural scenes: the EvoTok MLLM demo's tokenizer.
   tiny    tests: 32 px, a 3-layer encoder, 4 levels of 16 codes.
   table4_row1..3   Table 4: (L_pix, L_sem) = (4, 4) entangled, (16, 4) semantic-to-pixel,
                    (4, 16) pixel-to-semantic (the paper's choice) at 16 levels; as quarters
@@ -137,10 +138,27 @@ def _demo(config):
   levels x 256 codes. No teacher weights ship offline, so the semantic terms are off unless
   --config.teacher.path and the loss weights turn them on."""
   _small(config, size=64, levels=8, codes=256, code_dim=16, pixel_depth=4)
+  _offline_demo(config, source="builtin", steps=1000, log_every=50)
+
+
+def _scenes(config):
+  """The EvoTok MLLM demo's tokenizer: 32 px built-in scenes with 4 px patches (8 x 8
+  tokens; a shape of about 5 px would share an 8 px patch with background), 8 levels x 256
+  codes of 16 dims, L_pix 4. No teacher offline: the semantic decoder is not trained, and
+  the MLLM reads its (fixed, random) features of f_sem."""
+  _small(config, size=32, levels=8, codes=256, code_dim=16, pixel_depth=4)
+  config.model.encoder.patch_size = 4
+  config.model.decoder.ch_mult = (1, 1, 2)  # 8 x 8 -> 32 px: two upsamplings
+  _offline_demo(config, source="scenes", steps=1500, log_every=100)
+
+
+def _offline_demo(config, *, source: str, steps: int, log_every: int):
+  """A CPU demo on built-in data (`source`): no teacher, so no semantic terms; Adam 1e-3,
+  batch 16, grids, checkpoints and evaluation (64 held-out images) every 500 steps."""
   config.loss.semantic = config.loss.semantic_fold = 0.0
-  config.data.source = "builtin"
+  config.data.source = source
   config.optim.lr = 1e-3
-  config.train.update(dict(batch_size=16, steps=1000, log_every=50, image_every=500,
+  config.train.update(dict(batch_size=16, steps=steps, log_every=log_every, image_every=500,
                            checkpoint_every=500, eval_every=500, eval_num_images=16))
   config.eval.update(dict(num_images=64, batch_size=16))
 
@@ -169,6 +187,7 @@ _VARIANTS = {
     "paper": _paper,
     "demo": _demo,
     "tiny": _tiny,
+    "scenes": _scenes,
     "table4_row1": _depths(1, 1),
     "table4_row2": _depths(4, 1),
     "table4_row3": _depths(1, 4),

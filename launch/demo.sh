@@ -7,6 +7,10 @@
 #     such scenes; prints held-out answer accuracy (per question type, with chance) and the
 #     rate of generated images that satisfy their prompt, answers a question with
 #     --mode=chat and writes images with --mode=generate.
+#   bash launch/demo.sh evotok [WORKDIR] [extra --config.* overrides for the MLLM]
+#     The same on EvoTok: a 32 px EvoTok tokenizer (configs/evotok.py:scenes) on the scenes,
+#     then one EvoTok MLLM (configs/evotok_mllm.py:demo) that reads the semantic decoder's
+#     features and writes images with its depth-transformer head.
 #   bash launch/demo.sh uniwetok [WORKDIR] [extra --config.* overrides]
 #     The UniWeTok tokenizer demo (about 10 minutes): trains on scikit-image's photos, prints
 #     held-out PSNR at the start and end, then encodes and decodes the held-out photos.
@@ -14,7 +18,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 DEMO="unified"
-if [[ "${1:-}" == "uniwetok" || "${1:-}" == "unified" ]]; then
+if [[ "${1:-}" == "uniwetok" || "${1:-}" == "unified" || "${1:-}" == "evotok" ]]; then
   DEMO="$1"
   shift
 fi
@@ -36,13 +40,19 @@ if [[ "$DEMO" == "uniwetok" ]]; then
   exit 0
 fi
 
-WORKDIR="${1:-$REPO/workdir_demo}"
+if [[ "$DEMO" == "evotok" ]]; then
+  WORKDIR="${1:-$REPO/workdir_demo_evotok}"
+  TOKENIZER_CONFIG="configs/evotok.py:scenes" MLLM_CONFIG="configs/evotok_mllm.py:demo"
+else
+  WORKDIR="${1:-$REPO/workdir_demo}"
+  TOKENIZER_CONFIG="configs/chameleon_vqgan.py:demo" MLLM_CONFIG="configs/unitoken.py:demo"
+fi
 shift || true
 mkdir -p "$WORKDIR"
-echo "== 1/3 the demo VQ tokenizer on built-in scenes -> $WORKDIR/vq"
-python -m unimm_jax.main --config=configs/chameleon_vqgan.py:demo --workdir="$WORKDIR/vq"
-echo "== 2/3 the demo UniToken MLLM -> $WORKDIR/mllm"
-python -m unimm_jax.main --config=configs/unitoken.py:demo --workdir="$WORKDIR/mllm" \
+echo "== 1/3 the demo tokenizer ($TOKENIZER_CONFIG) on built-in scenes -> $WORKDIR/vq"
+python -m unimm_jax.main --config="$TOKENIZER_CONFIG" --workdir="$WORKDIR/vq"
+echo "== 2/3 the demo MLLM ($MLLM_CONFIG) -> $WORKDIR/mllm"
+python -m unimm_jax.main --config="$MLLM_CONFIG" --workdir="$WORKDIR/mllm" \
     --config.system.tokenizer_path="$WORKDIR/vq" "$@"
 echo "== 3/3 chat and generate with the trained MLLM"
 python -m unimm_jax.data.scenes --output="$WORKDIR/heldout_scene.png" --split=eval --index=0

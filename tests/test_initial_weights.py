@@ -161,3 +161,28 @@ def test_unitoken_starts_its_llm_from_chameleon_and_its_vit_from_siglip(tmp_path
                              atol=2e-5, rtol=2e-5)
   before, after = _flat(fresh.params["adapter"]), _flat(state.params["adapter"])
   assert all(np.array_equal(before[name], after[name]) for name in before)
+
+
+def test_evotok_mllm_starts_its_image_markers_at_the_mean_row(tmp_path):
+  """The LLM from a Qwen2 directory; [BOI] and [EOI] (new tokens for the authors) get the
+  mean of the embedding rows below them, in the input embedding and in the LM head."""
+  config = config_defaults.load_config("configs/evotok_mllm.py:tiny")
+  vocab, (boi, eoi) = config.model.vocab_size, (config.tokens.boi, config.tokens.eoi)
+  torch.manual_seed(0)
+  hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+      tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1e4)))
+  hf.save_pretrained(tmp_path)
+  config.model.init_path = str(tmp_path)
+  setup = trainer.Setup(config)
+  state = setup.start_from_weights(setup.init_state(FAST_COMPILE))
+  embedding = np.asarray(state.params["llm"]["embed_tokens"]["embedding"])
+  head = np.asarray(state.params["llm"]["lm_head"])  # (hidden, vocab)
+  want_in = hf.model.embed_tokens.weight.detach().numpy()
+  want_out = hf.lm_head.weight.detach().numpy()
+  first = min(boi, eoi)
+  for got, want in ((embedding, want_in), (head.T, want_out)):
+    np.testing.assert_array_equal(got[:first], want[:first])
+    for marker in (boi, eoi):
+      np.testing.assert_allclose(got[marker], want[:first].mean(0), rtol=1e-5, atol=1e-6)

@@ -21,6 +21,16 @@ Their key -> ours:
       pos_embed, blocks.{i} (qkv.weight rows [q | k | v], q_bias and v_bias; k has no bias:
       ours is set to 0), fc_norm.
   quantize.codebook_used (a log of recent codes), scaling_layer.* (constants 0.5)   skipped.
+
+Their MLLM's generation head, `RQTransformer.state_dict()` (mllm/.../rqtransformer; keys
+may carry the `model.vision_tower.rqtransformer.` prefix of their saved files) ->
+`models.depth_transformer.DepthTransformer` params (`load_depth_transformer`):
+  in_mlp_2 / in_mlp_1 (LLM hidden / code sums) -> in_hidden / in_codes; pos_emb_d (1, L, W)
+  -> depth_positions; head_transformer.blocks.{j}.{ln1, ln2, attn.{query, key, value, proj},
+  mlp.{0, 2}} -> blocks_{j}/{norm1, norm2, attention, fc1, fc2}; classifiers.{i}.{0, 1} ->
+  classifiers_{i}_{norm, out} for i < L. They build one classifier per entry of the last
+  code depth (16 for EvoTok, of which only the first L_pix = 4 are called): the rest are
+  skipped.
 """
 import re
 
@@ -35,6 +45,7 @@ from unimm_jax.convert import hf_vit
 from unimm_jax.convert.chameleon_vqgan import taming_key, taming_transform
 from unimm_jax.convert.hf_checkpoint import LazyArray, Reader
 from unimm_jax.models import evotok
+from unimm_jax.models.depth_transformer import DepthTransformer
 from unimm_jax.quantizers.residual_quantizer import STATE_COLLECTION
 
 _SKIPPED = ('quantize.codebook_used', 'scaling_layer.')
@@ -188,5 +199,54 @@ def load_evotok_state_dict(path: str, model_config: ml_collections.ConfigDict) -
   """`convert_state_dict_file`, with `path` in every error."""
   try:
     return convert_state_dict_file(path, model_config)
+  except ValueError as error:
+    raise ValueError(f'{path}: {error}') from error
+
+
+def _heads(read: Reader, key: str, heads: int) -> LazyArray:
+  """A (W, W) Linear weight whose output rows are heads x head_dim -> (W, heads, hd)."""
+  return read(key, lambda w: w.T.reshape(w.shape[1], heads, w.shape[0] // heads))
+
+
+def depth_transformer_sources(read: Reader, head: DepthTransformer) -> dict:
+  """Their RQTransformer tensors (under read.prefix) as our head's params (module docstring)."""
+  h = head.num_heads
+  sources = {'in_hidden': _dense(read, 'in_mlp_2'), 'in_codes': _dense(read, 'in_mlp_1'),
+             'depth_positions': read('pos_emb_d', lambda w: w[0])}
+  for j in range(head.num_layers):
+    p = f'head_transformer.blocks.{j}.'
+    attention = {name: _heads(read, f'{p}attn.{name}.weight', h)
+                 for name in ('query', 'key', 'value')}
+    attention.update({f'{name}_bias': read(f'{p}attn.{name}.bias', lambda w: w.reshape(h, -1))
+                      for name in ('query', 'key', 'value')})
+    attention['out'] = read(f'{p}attn.proj.weight',
+                            lambda w: w.T.reshape(h, w.shape[1] // h, w.shape[0]))
+    attention['out_bias'] = read(f'{p}attn.proj.bias')
+    sources[f'blocks_{j}'] = {'norm1': _norm(read, p + 'ln1'), 'norm2': _norm(read, p + 'ln2'),
+                              'attention': attention, 'fc1': _dense(read, p + 'mlp.0'),
+                              'fc2': _dense(read, p + 'mlp.2')}
+  for i in range(head.depth):
+    sources[f'classifiers_{i}_norm'] = _norm(read, f'classifiers.{i}.0')
+    sources[f'classifiers_{i}_out'] = _dense(read, f'classifiers.{i}.1')
+  return sources
+
+
+def load_depth_transformer(path: str, head: DepthTransformer) -> dict:
+  """Their RQTransformer state dict (safetensors) -> `head`'s params (float32 jax arrays).
+  Raises ValueError naming a missing, unused or wrongly shaped tensor."""
+  checkpoint = hf_checkpoint.state_dict_file(path)
+  marker = 'rqtransformer.'
+  prefixes = {k[:k.index(marker) + len(marker)] for k in checkpoint.tensors if marker in k}
+  if len(prefixes) > 1:
+    raise ValueError(f'{path}: tensors under several prefixes {sorted(prefixes)}')
+  read = Reader(checkpoint, prefixes.pop() if prefixes else '')
+  sources = depth_transformer_sources(read, head)
+  spare = tuple(f'{read.prefix}classifiers.{i}.' for i in range(head.depth, 1024))
+  read.check_all_used(lambda key: key.startswith(spare), 'depth transformer')
+  abstract = jax.eval_shape(lambda: head.init(
+      jax.random.key(0), jnp.zeros((1, sources['in_hidden']['kernel'].shape[0])),
+      jnp.zeros((1, head.depth, sources['in_codes']['kernel'].shape[0]))))
+  try:
+    return hf_checkpoint.place(sources, abstract['params'])
   except ValueError as error:
     raise ValueError(f'{path}: {error}') from error

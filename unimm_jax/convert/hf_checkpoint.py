@@ -121,6 +121,45 @@ class LazyArray:
     return np.stack([np.asarray(self.layers[i]()[rest]) for i in chosen])
 
 
+class RowsAsMean:
+  """`base` (a LazyArray) with the entries `indices` along `axis` replaced by the mean of
+  entries [0, upto) along it: a vocabulary's new tokens started as LLaVA starts its image
+  markers. Read slice by slice like a LazyArray; the mean is computed once, on first read."""
+
+  def __init__(self, base: LazyArray, indices: Sequence[int], *, axis: int, upto: int):
+    if not 0 < upto <= base.shape[axis] or any(not 0 <= i < base.shape[axis] for i in indices):
+      raise ValueError(f'{base.source}: rows {tuple(indices)} / mean of the first {upto} are '
+                       f'outside its {base.shape[axis]} entries along axis {axis}')
+    self.base, self.indices, self.axis, self.upto = base, tuple(indices), axis, upto
+    self.shape = base.shape
+    self.source = f'{base.source} (entries {self.indices} = mean of the first {upto})'
+    self._mean = None
+
+  def mean(self) -> np.ndarray:
+    """The mean of entries [0, upto) along the axis, summed in float64 over chunks (a 7B
+    model's embedding is several GB in float64)."""
+    if self._mean is None:
+      full, total = self.base.view(), 0.0
+      for start in range(0, self.upto, 4096):
+        chunk = np.take(full, np.arange(start, min(start + 4096, self.upto)), axis=self.axis)
+        total = total + chunk.astype(np.float64).sum(axis=self.axis)
+      self._mean = total / self.upto
+    return self._mean
+
+  def __getitem__(self, index) -> np.ndarray:
+    index = index if isinstance(index, tuple) else (index,)
+    index = index + (slice(None),) * (len(self.shape) - len(index))
+    out = np.array(self.base[index])
+    along = range(self.shape[self.axis])[index[self.axis]]
+    rest = tuple(ix for axis, ix in enumerate(index) if axis != self.axis)
+    for i in self.indices:
+      if i in along:
+        target = [slice(None)] * out.ndim
+        target[self.axis] = along.index(i)
+        out[tuple(target)] = self.mean()[rest].astype(out.dtype)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Converted:
   """What a family converter returns.

@@ -265,6 +265,15 @@ class EvoTok(nn.Module):
       return self.quantizer.codes_to_quantized(codes, depth)
     return self.pixel_quantizer.codes_to_quantized(codes[..., :self.config.pixel_depth], depth)
 
+  def pixel_code_embeddings(self, codes: jax.Array) -> jax.Array:
+    """Codes (..., m >= L_pix) -> (..., L_pix, d) float32: the row of each of the first L_pix
+    codes in its level's codebook (what an MLLM's depth head reads; their sum is f_pix)."""
+    lp = self.config.pixel_depth
+    quantizer = self.quantizer if self.config.decoupling == 'evolution' else self.pixel_quantizer
+    codebooks = quantizer.codebooks.value
+    return jnp.stack([jnp.take(codebooks[i], codes[..., i].astype(jnp.int32), axis=0)
+                      for i in range(lp)], axis=-2)
+
   def at_depth(self, images: jax.Array, depth: int) -> TokenizerOutput:
     """`__call__` (eval) with f_pix and f_sem both replaced by the sum of the first `depth`
     levels: the reconstruction and semantic features along the residual trajectory (paper
