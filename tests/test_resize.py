@@ -23,9 +23,11 @@ _antialias = jax.jit(resize_antialias_bilinear, static_argnums=1)
 
 
 def _torch_resize(x_nhwc, out_hw, **kwargs):
-  """Torch's interpolate on an NHWC numpy array, returned NHWC."""
+  """Torch's interpolate on an NHWC numpy array (`size=out_hw`, or the kwargs'
+  scale_factor when out_hw is None), returned NHWC."""
   x = torch.from_numpy(x_nhwc).permute(0, 3, 1, 2)
-  y = F.interpolate(x, size=tuple(out_hw), align_corners=False, **kwargs)
+  size = None if out_hw is None else tuple(out_hw)
+  y = F.interpolate(x, size=size, align_corners=False, **kwargs)
   return y.permute(0, 2, 3, 1).numpy()
 
 
@@ -47,6 +49,21 @@ def test_bicubic_matches_torch(in_hw, out_hw):
   x = RNG.standard_normal((2, *in_hw, 3)).astype(np.float32)
   np.testing.assert_allclose(_bicubic(jnp.asarray(x), out_hw),
                              _torch_resize(x, out_hw, mode='bicubic'), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize('in_hw, out_hw', [((16, 16), (32, 24)), ((16, 16), (6, 9)),
+                                            ((4, 4), (6, 4)), ((16, 16), (16, 16))])
+def test_bicubic_scale_factor_form_matches_torch(in_hw, out_hw):
+  """DINOv2's position resize: scale_factor = (out + 0.1) / in, not size=out."""
+  x = RNG.standard_normal((1, *in_hw, 3)).astype(np.float32)
+  factors = tuple(float(o + 0.1) / i for o, i in zip(out_hw, in_hw))
+  expected = _torch_resize(x, None, mode='bicubic', scale_factor=factors)
+  assert expected.shape[1:3] == out_hw
+  got = jax.jit(resize_bicubic, static_argnums=(1, 2))(jnp.asarray(x), out_hw, factors)
+  np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+  # Not the size= form: the offset moves every sample unless the sizes are equal.
+  if out_hw != in_hw:
+    assert np.abs(np.asarray(_bicubic(jnp.asarray(x), out_hw)) - expected).max() > 1e-3
 
 
 def test_bicubic_matrix_identity_and_partition_of_unity():

@@ -145,6 +145,34 @@ def _clip_style_layer(c: ViTConfig, read: Reader, i: int) -> dict:
   }
 
 
+def fused_qkv_layer(c: ViTConfig, read: Reader, p: str) -> dict:
+  """One pre-LN block in the layout of DINOv2's original (timm-style) code, under key prefix
+  `p`: norm1, attn.qkv (fused (3 d, d) rows [q | k | v] and its bias), attn.proj, norm2 and
+  mlp.fc1 / mlp.fc2, or for a SwiGLU block (c.swiglu) mlp.w12 ((2 m, d), gate rows first)
+  and mlp.w3 (MingTok's blocks)."""
+  q, k, v = _split_rows(read(p + 'attn.qkv.weight'), 3)
+  q_bias, k_bias, v_bias = _split_rows(read(p + 'attn.qkv.bias'), 3)
+  layer = {
+      'norm1': _norm(read, p + 'norm1'), 'norm2': _norm(read, p + 'norm2'),
+      'attention': _attention(c, q, k, v, read(p + 'attn.proj.weight'),
+                              read(p + 'attn.proj.bias'), q_bias, k_bias, v_bias),
+  }
+  layer['mlp'] = _mlp(c, read, p + 'mlp.', ('w12', 'w3'))
+  return layer
+
+
+def _mlp(c: ViTConfig, read: Reader, p: str, swiglu_names: tuple[str, str]) -> dict:
+  """The block MLP under key prefix `p`: fc1 / fc2, or for c.swiglu the fused gated input
+  ((2 m, d), gate rows first) and the output projection named `swiglu_names`."""
+  if not c.swiglu:
+    return {'fc1': _dense(read, p + 'fc1'), 'fc2': _dense(read, p + 'fc2')}
+  m, d = c.mlp_dim, c.hidden_size
+  w_in, b_in = read(f'{p}{swiglu_names[0]}.weight'), read(f'{p}{swiglu_names[0]}.bias')
+  return {'fc1': _view(w_in, lambda w: w.reshape(2, m, d).transpose(2, 0, 1), (d, 2, m)),
+          'fc1_bias': _view(b_in, lambda w: w.reshape(2, m), (2, m)),
+          'fc2': _dense(read, p + swiglu_names[1])}
+
+
 def _dinov2_layer(c: ViTConfig, read: Reader, i: int) -> dict:
   p = f'encoder.layer.{i}.'
   a = p + 'attention.attention.'
@@ -162,15 +190,7 @@ def _dinov2_layer(c: ViTConfig, read: Reader, i: int) -> dict:
           read(p + 'attention.output.dense.weight'), read(p + 'attention.output.dense.bias'),
           bias('query'), bias('key'), bias('value')),
   }
-  if c.swiglu:
-    m, d = c.mlp_dim, c.hidden_size
-    w_in, b_in = read(p + 'mlp.weights_in.weight'), read(p + 'mlp.weights_in.bias')
-    layer['mlp'] = {
-        'fc1': _view(w_in, lambda w: w.reshape(2, m, d).transpose(2, 0, 1), (d, 2, m)),
-        'fc1_bias': _view(b_in, lambda w: w.reshape(2, m), (2, m)),
-        'fc2': _dense(read, p + 'mlp.weights_out')}
-  else:
-    layer['mlp'] = {'fc1': _dense(read, p + 'mlp.fc1'), 'fc2': _dense(read, p + 'mlp.fc2')}
+  layer['mlp'] = _mlp(c, read, p + 'mlp.', ('weights_in', 'weights_out'))
   return layer
 
 

@@ -114,19 +114,25 @@ def _feed_forward(config: ViTConfig) -> nn.Module:
 
 
 class EncoderLayer(nn.Module):
-  """Pre-LN block (DINOv2: LayerScale on each branch). Shapes: (b, s, d), mask (b, s) -> same.
+  """Pre-LN block (DINOv2: LayerScale on each branch). Shapes: x (b, s, d), key_mask (b, s)
+  or None -> (b, s, d).
 
-  Returns (x, x) so that nn.scan stacks every layer's output (the hidden states).
+  Returns (x, x) so that nn.scan stacks every layer's output (the hidden states). A causal
+  stack (MingTok's semantic decoder) also passes `mask` (a MaskSpec or dense (b, 1, s, t)
+  bool, `unimm_jax.nn.masks`) and, decoding incrementally, `cache` (a
+  `kv_cache.LayerCache`): then it returns (x, updated cache).
   """
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None, mask=None, cache=None):
     c = self.config
-    h = MultiHeadAttention(c.num_heads, head_dim=c.head_dim or None, qkv_bias=True,
-                           out_bias=True, implementation=c.attention_impl, dtype=c.dtype,
-                           name='attention')(
-                               _layer_norm(c, 'norm1')(x), key_mask=key_mask)
+    attention = MultiHeadAttention(c.num_heads, head_dim=c.head_dim or None, qkv_bias=True,
+                                   out_bias=True, implementation=c.attention_impl,
+                                   dtype=c.dtype, name='attention')
+    h = attention(_layer_norm(c, 'norm1')(x), key_mask=key_mask, mask=mask, cache=cache)
+    if cache is not None:
+      h, cache = h
     if c.family == 'dinov2':
       h = h * self.param('layer_scale1', initializers.ones('embed'), (x.shape[-1],)).astype(c.dtype)
     x = x + h
@@ -134,7 +140,7 @@ class EncoderLayer(nn.Module):
     if c.family == 'dinov2':
       h = h * self.param('layer_scale2', initializers.ones('embed'), (x.shape[-1],)).astype(c.dtype)
     x = nn.with_logical_constraint(x + h, ('batch', 'length', 'embed'))
-    return x, x
+    return x, (x if cache is None else cache)
 
 
 class VisionTransformer(nn.Module):

@@ -5,7 +5,9 @@ for fixed-resolution ViTs, antialiased bilinear for SigLIP2's per-image grids), 
 reproduce torch's resampling weights, float32 rounding of the source coordinate included.
 
 Both modes are separable: each output axis is a (out, in) weight matrix applied by an einsum.
-Only the `size=` form of torch's call is reproduced (there, scale = in_size / out_size).
+Bicubic reproduces both forms of torch's call: `size=` (scale = in_size / out_size) and
+`scale_factor=` (scale = 1 / scale_factor, output floor(in_size * scale_factor)), which
+DINOv2-style position resizes use with a 0.1 offset (MingTok's encoder).
 
 Torch facts the weights follow (checked against torch 2.13 on CPU, float32 and float64):
 - Bicubic: source coordinate (dst + 0.5) * scale - 0.5, not clamped to 0; Keys' kernel with
@@ -40,17 +42,27 @@ def _cubic_far(x: np.ndarray) -> np.ndarray:
   return ((_CUBIC_A * x - 5 * _CUBIC_A) * x + 8 * _CUBIC_A) * x - 4 * _CUBIC_A
 
 
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+def bicubic_matrix(in_size: int, out_size: int, scale_factor: float | None = None
+                   ) -> np.ndarray:
   """Torch's bicubic (align_corners=False) resize of one axis as a matrix.
 
   Args:
     in_size: input length along the axis.
     out_size: output length along the axis.
+    scale_factor: torch's `scale_factor=` for this axis (then out_size must be
+      floor(in_size * scale_factor)); None: the `size=` form.
 
   Returns:
     float64 array (out_size, in_size); `m @ x` resizes x (in_size, ...) along axis 0.
   """
-  scale = np.float32(in_size) / np.float32(out_size)
+  if scale_factor is None:
+    scale = np.float32(in_size) / np.float32(out_size)
+  else:
+    if out_size != int(np.floor(in_size * scale_factor)):
+      raise ValueError(f'scale_factor {scale_factor} resizes {in_size} to '
+                       f'{int(np.floor(in_size * scale_factor))}, not {out_size}')
+    # Torch computes 1 / scale_factor in double and rounds it to float once.
+    scale = np.float32(1.0 / scale_factor)
   dst = np.arange(out_size)
   # Torch float32 rounds (dst + 0.5) * scale - 0.5 to float32 once (the compiler fuses it into
   # an FMA; the float64 product of a float32 and a half-integer is exact, so rounding the
@@ -74,19 +86,24 @@ def _resize_separable(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Arr
   return jnp.einsum('bw,...awc->...abc', cols, x, precision=_HIGHEST)
 
 
-def resize_bicubic(x: jax.Array, out_hw: Sequence[int]) -> jax.Array:
-  """Torch's `interpolate(mode='bicubic', align_corners=False, size=out_hw)`, channels last.
+def resize_bicubic(x: jax.Array, out_hw: Sequence[int],
+                   scale_factors: Sequence[float] | None = None) -> jax.Array:
+  """Torch's `interpolate(mode='bicubic', align_corners=False, size=out_hw)`, channels last;
+  with `scale_factors` (sh, sw), its `scale_factor=(sh, sw)` form (out_hw must be what that
+  gives, floor(h * sh), floor(w * sw)).
 
   Args:
     x: (..., h, w, c).
     out_hw: static output size (h2, w2).
+    scale_factors: static (sh, sw) or None.
 
   Returns:
     float32 (..., h2, w2, c).
   """
   h, w = x.shape[-3:-1]
-  rows = jnp.asarray(bicubic_matrix(h, out_hw[0]), jnp.float32)
-  cols = jnp.asarray(bicubic_matrix(w, out_hw[1]), jnp.float32)
+  sh, sw = scale_factors or (None, None)
+  rows = jnp.asarray(bicubic_matrix(h, out_hw[0], sh), jnp.float32)
+  cols = jnp.asarray(bicubic_matrix(w, out_hw[1], sw), jnp.float32)
   return _resize_separable(x, rows, cols)
 
 
