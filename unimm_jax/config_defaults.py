@@ -196,14 +196,40 @@ def _has(config: ml_collections.ConfigDict, dotted: str) -> bool:
     return False
 
 
-def _uses_teacher(config: ml_collections.ConfigDict) -> bool:
-  """Whether a loss term of `config` reads `config.teacher`."""
+def _uses_teacher(config: ml_collections.ConfigDict, field: str = "teacher") -> bool:
+  """Whether a loss term of `config` reads `config.<field>` (a teacher)."""
   return any(_has(config, f"loss.{term}") and config.loss[term]
-             for term in _TEACHER_LOSSES)
+             for term in _TEACHER_LOSSES[field])
 
 
-# config.loss terms that read the teacher (UniWeTok's distillation, EvoTok's alignment).
-_TEACHER_LOSSES = ("pre_distill", "post_distill", "semantic", "semantic_fold")
+# The teachers' config fields and the config.loss terms that read each (UniWeTok's
+# distillation, EvoTok's alignment, MingTok's masked feature prediction).
+_TEACHER_LOSSES = {
+    "teacher": ("pre_distill", "post_distill", "semantic", "semantic_fold",
+                "latent_prediction"),
+    "semantic_teacher": ("semantic_prediction",),
+}
+
+
+def _validate_teachers(config: ml_collections.ConfigDict) -> None:
+  """A teacher's feature is well formed, a loss that reads a teacher has its path, and a
+  path no loss reads is refused (a silently unused teacher would look like distillation)."""
+  for field, terms in _TEACHER_LOSSES.items():
+    if not _has(config, f"{field}.path"):
+      continue
+    teacher = config[field]
+    if not re.fullmatch(r"pooled|last|hidden:-?\d+", teacher.feature):
+      raise ValueError(f"config.{field}.feature={teacher.feature!r} is not 'pooled', 'last' "
+                       "or 'hidden:K'")
+    if _uses_teacher(config, field) and not teacher.path:
+      on = [t for t in terms if _has(config, f"loss.{t}") and config.loss[t]]
+      raise ValueError(f"config.loss.{' / '.join(on)} need a teacher: set "
+                       f"config.{field}.path to a SigLIP/SigLIP2/DINOv2/CLIP checkpoint "
+                       "directory (README: Pretrained ViTs and teachers)")
+    if teacher.path and not _uses_teacher(config, field):
+      raise ValueError(f"config.{field}.path={teacher.path!r} is set, but no loss of this "
+                       f"config uses a teacher there ({' / '.join(terms)}); clear it (a "
+                       "silently unused teacher would look like distillation)")
 
 
 def sharding_rules(config: ml_collections.ConfigDict) -> tuple:
@@ -248,19 +274,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.loss.perceptual={config.loss.perceptual} needs LPIPS weights: set "
         "config.lpips.path to a safetensors file (README: LPIPS weights), or "
         "config.loss.perceptual=0, or config.lpips.allow_random=True for a smoke test")
-  if _has(config, "teacher.feature") and not re.fullmatch(r"pooled|last|hidden:-?\d+",
-                                                          config.teacher.feature):
-    raise ValueError(f"config.teacher.feature={config.teacher.feature!r} is not 'pooled', "
-                     "'last' or 'hidden:K'")
-  if _uses_teacher(config) and not config.teacher.path:
-    raise ValueError("config.loss.pre_distill / post_distill / semantic / semantic_fold need "
-                     "a teacher: set "
-                     "config.teacher.path to a SigLIP/SigLIP2/DINOv2/CLIP checkpoint directory "
-                     "(README: Pretrained ViTs and teachers)")
-  if _has(config, "teacher.path") and config.teacher.path and not _uses_teacher(config):
-    raise ValueError(f"config.teacher.path={config.teacher.path!r} is set, but no loss of "
-                     "this config uses a teacher; clear it (a silently unused teacher "
-                     "would look like distillation)")
+  _validate_teachers(config)
   if _has(config, "model.ch_mult"):
     factor = 2 ** (len(config.model.ch_mult) - 1)
     if config.data.image_size % factor:

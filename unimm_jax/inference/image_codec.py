@@ -1,5 +1,5 @@
 """A tokenizer's encode/decode as functions of its variables, and folders of images <-> .npz
-codes.
+codes (discrete tokenizers) or latents (continuous ones).
 
 `reconstruct`, `encode` and `decode` take a tokenizer module (see
 `unimm_jax.models.tokenizer_interface`) and return functions of (variables, array), where
@@ -9,9 +9,10 @@ decoder's noise (UniWeTok's generative decoder draws it on every call) comes fro
 key, so reconstructions and decoded images are the same in every run and on every host.
 
 The .npz holds `names` (relative paths, str array) and `codes_00000`, `codes_00001`, ...
-(one (h', w', codes_per_token) array per image, in `names` order), plus `codebook_size` and
-`codes_per_token`. Images keep their native resolution, centre-cropped to a multiple of the
-downsampling factor.
+(one (h', w', codes_per_token) int array per image, in `names` order), plus `codebook_size`
+and `codes_per_token`; for a continuous tokenizer `latents_00000`, ... ((h', w', d) float32,
+what its `encode` returns: MingTok's normalised latents) plus `latent_dim`. Images keep their
+native resolution, centre-cropped to a multiple of the downsampling factor.
 """
 import logging
 import os
@@ -44,18 +45,22 @@ def reconstruct(model: nn.Module) -> Callable:
 
 
 def encode(model: nn.Module) -> Callable:
-  """(variables, images (b, h, w, 3)) -> integer codes (b, h', w', codes_per_token)."""
+  """(variables, images (b, h, w, 3)) -> integer codes (b, h', w', codes_per_token), or a
+  continuous tokenizer's latents (b, h', w', d)."""
   def run(variables, images):
-    return model.apply(variables, images, train=False, method="encode").codes
+    out = model.apply(variables, images, train=False, method="encode")
+    return out.latents if out.codes is None else out.codes
   return run
 
 
-def decode(model: nn.Module) -> Callable:
-  """(variables, codes (b, h', w', codes_per_token)) -> images (b, h, w, 3) in [-1, 1]."""
-  def run(variables, codes):
-    def from_codes(module, codes):
-      return module.decode(module.codes_to_quantized(codes), train=False)
-    return jnp.clip(model.apply(variables, codes, method=from_codes, rngs=_noise()),
+def decode(model: nn.Module, continuous: bool = False) -> Callable:
+  """(variables, codes (b, h', w', codes_per_token), or with `continuous` latents
+  (b, h', w', d)) -> images (b, h, w, 3) in [-1, 1]."""
+  def run(variables, tokens):
+    def to_images(module, tokens):
+      latents = tokens if continuous else module.codes_to_quantized(tokens)
+      return module.decode(latents, train=False)
+    return jnp.clip(model.apply(variables, tokens, method=to_images, rngs=_noise()),
                     -1.0, 1.0)
   return run
 
@@ -72,12 +77,15 @@ def load_centre_cropped(path: str, factor: int) -> np.ndarray:
 
 
 def encode_folder(encode_fn, input_dir: str, output_file: str, factor: int,
-                  layout: CodeLayout) -> int:
-  """Writes the codes of every image below `input_dir`; returns how many were encoded.
+                  layout: CodeLayout | None) -> int:
+  """Writes the codes (layout None: latents) of every image below `input_dir`; returns how
+  many were encoded.
 
-  encode_fn: (1, h, w, 3) -> (1, h', w', codes_per_token) codes; compiled once per distinct
-  resolution. Unreadable files are skipped with a warning and left out of the .npz.
+  encode_fn: (1, h, w, 3) -> (1, h', w', codes_per_token) codes or (1, h', w', d) latents;
+  compiled once per distinct resolution. Unreadable files are skipped with a warning and
+  left out of the .npz.
   """
+  kind = "latents" if layout is None else "codes"
   names, arrays = [], {}
   try:
     names_in_folder = sources.list_image_files(input_dir, field="input")
@@ -89,21 +97,30 @@ def encode_folder(encode_fn, input_dir: str, output_file: str, factor: int,
     except (OSError, ValueError) as e:
       logging.warning("skipping %s: %s", name, e)
       continue
-    codes = np.asarray(jax.device_get(encode_fn(image[None])))[0]
-    arrays[f"codes_{len(names):05d}"] = codes
+    tokens = np.asarray(jax.device_get(encode_fn(image[None])))[0]
+    arrays[f"{kind}_{len(names):05d}"] = tokens
     names.append(name)
   os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-  np.savez_compressed(output_file, names=np.array(names), codebook_size=layout.codebook_size,
-                      codes_per_token=layout.codes_per_token, **arrays)
+  if layout is None:
+    meta = dict(latent_dim=tokens.shape[-1]) if names else {}
+  else:
+    meta = dict(codebook_size=layout.codebook_size, codes_per_token=layout.codes_per_token)
+  np.savez_compressed(output_file, names=np.array(names), **meta, **arrays)
   return len(names)
 
 
-def decode_file(decode_fn, input_file: str, output_dir: str) -> int:
-  """Writes one PNG per entry of a codes .npz, under its original relative name."""
+def decode_file(decode_fn, input_file: str, output_dir: str, continuous: bool = False) -> int:
+  """Writes one PNG per entry of a codes (`continuous`: latents) .npz, under its original
+  relative name."""
+  kind = "latents" if continuous else "codes"
   with np.load(input_file) as data:
     names = [str(n) for n in data["names"]]
+    if names and f"{kind}_00000" not in data:
+      other = "codes" if continuous else "latents"
+      raise ValueError(f"{input_file} holds no {kind} (its arrays: {sorted(data)[:4]}); "
+                       f"it was written for a tokenizer with {other}")
     for i, name in enumerate(names):
-      image = np.asarray(jax.device_get(decode_fn(data[f"codes_{i:05d}"][None])))[0]
+      image = np.asarray(jax.device_get(decode_fn(data[f"{kind}_{i:05d}"][None])))[0]
       path = os.path.join(output_dir, os.path.splitext(name)[0] + ".png")
       image_io.save_png(path, image_io.to_uint8(image))
   return len(names)

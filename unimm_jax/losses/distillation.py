@@ -1,5 +1,5 @@
-"""Cosine feature distillation (plain, and EvoTok's folded form) and UniWeTok's Pre-Post
-Distillation (paper eqs 4-6).
+"""Cosine feature distillation (plain; masked, MingTok's masked feature prediction; EvoTok's
+folded form) and UniWeTok's Pre-Post Distillation (paper eqs 4-6).
 
   L_pre  = 1 - cos(u_G, f_T),  u_G = AttnPool_pre(U_G)    (eq 4, pre-quantization latents)
   L_post = 1 - cos(u_Q, f_T),  u_Q = AttnPool_post(U_Q)   (eq 5, straight-through quantized)
@@ -41,6 +41,20 @@ def cosine_distillation_loss(student: jax.Array, teacher: jax.Array,
   teacher = jax.lax.stop_gradient(teacher)
   cosine = jnp.sum(_unit(student, eps) * _unit(teacher, eps), axis=-1)
   return jnp.mean(1.0 - cosine)
+
+
+def masked_cosine_loss(student: jax.Array, teacher: jax.Array, weights: jax.Array,
+                       eps: float = COSINE_EPS) -> jax.Array:
+  """sum(w (1 - cos)) / sum(w) over the tokens: masked feature prediction (MingTok), where
+  only the masked tokens count. Shapes: student, teacher (b, n, d); weights (b, n) (0 / 1).
+  0 when no token is weighted. The teacher is stop-gradiented."""
+  if student.shape != teacher.shape:
+    raise ValueError(f'masked_cosine_loss: student {student.shape} and teacher '
+                     f'{teacher.shape} differ')
+  teacher = jax.lax.stop_gradient(teacher)
+  distance = 1.0 - jnp.sum(_unit(student, eps) * _unit(teacher, eps), axis=-1)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(weights * distance) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def folded_cosine_loss(student: jax.Array, teacher: jax.Array, folds: int,

@@ -24,8 +24,10 @@ import jax
 
 # The random streams a tokenizer may draw from when it is applied in training, by name:
 # `noise` (a generative decoder's input noise), `dropout`, `codebook_restart` (dead codes of
-# an EMA codebook replaced by vectors of the batch). The tokenizer task supplies all three.
-TRAIN_RNG_STREAMS = ('noise', 'dropout', 'codebook_restart')
+# an EMA codebook replaced by vectors of the batch), `masking` (MingTok's token masks). The
+# tokenizer task supplies them all; a stream added later folds a new index, so the earlier
+# streams' keys, and the runs that drew from them, stay as they were.
+TRAIN_RNG_STREAMS = ('noise', 'dropout', 'codebook_restart', 'masking')
 
 
 def train_rngs(rng: jax.Array) -> dict[str, jax.Array]:

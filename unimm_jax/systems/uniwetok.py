@@ -81,7 +81,7 @@ class PrePostDistillation(TeacherModule):
   def __call__(self, params, out, images, frozen, rng):
     del rng
     u_g, u_q = self.heads.apply({"params": params}, out.features["pre_quant"], out.latents)
-    target = self.teacher(frozen["teacher"], images)
+    target = self.target(frozen, images)
     ppd = distillation.pre_post_distillation(target, u_g, u_q)
     return {k: ppd[k] for k in ("pre_distill", "post_distill") if k in ppd}, {}
 

@@ -282,26 +282,23 @@ class TokenizerTask:
       writer.close()
     return results
 
-  def _codes_variables(self, context, workdir: str, mode: str):
-    """The eval variables for a mode that reads or writes discrete codes."""
-    if self.layout is None:
-      raise ValueError(f"--mode={mode} works on discrete codes; config.model.name="
-                       f"{self.config.model.name!r} is a continuous tokenizer")
-    return self._restore_eval_variables(context, workdir)[1]
-
   def encode_folder(self, context, workdir: str, input_dir: str, output_file: str) -> str:
-    """`--mode=encode`: every image below input_dir to codes in output_file (.npz)."""
-    variables = self._codes_variables(context, workdir, "encode")
+    """`--mode=encode`: every image below input_dir to codes (a continuous tokenizer: its
+    latents) in output_file (.npz)."""
+    variables = self._restore_eval_variables(context, workdir)[1]
     encode = jax.jit(lambda images: image_codec.encode(self.model)(variables, images))
     n = image_codec.encode_folder(encode, input_dir, output_file,
                                   self.spec.downsample_factor(self.config.model), self.layout)
     return f"encoded {n} images from {input_dir} into {output_file}"
 
   def decode_file(self, context, workdir: str, input_file: str, output_dir: str) -> str:
-    """`--mode=decode`: a codes .npz of `encode_folder` back to PNGs in output_dir."""
-    variables = self._codes_variables(context, workdir, "decode")
-    decode = jax.jit(lambda codes: image_codec.decode(self.model)(variables, codes))
-    n = image_codec.decode_file(decode, input_file, output_dir)
+    """`--mode=decode`: a codes (latents) .npz of `encode_folder` back to PNGs in
+    output_dir."""
+    variables = self._restore_eval_variables(context, workdir)[1]
+    continuous = self.layout is None
+    decode = jax.jit(lambda tokens: image_codec.decode(self.model, continuous)(variables,
+                                                                               tokens))
+    n = image_codec.decode_file(decode, input_file, output_dir, continuous)
     return f"decoded {n} images from {input_file} into {output_dir}"
 
   def initial_weights(self) -> dict | None:
