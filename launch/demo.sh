@@ -14,27 +14,32 @@
 #   bash launch/demo.sh uniwetok [WORKDIR] [extra --config.* overrides]
 #     The UniWeTok tokenizer demo (about 10 minutes): trains on scikit-image's photos, prints
 #     held-out PSNR at the start and end, then encodes and decodes the held-out photos.
+#   bash launch/demo.sh mingtok [WORKDIR] [extra --config.* overrides]
+#     The same for the continuous MingTok tokenizer (configs/mingtok.py:demo): the held-out
+#     photos' normalised latents go to a .npz and are rendered back.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 DEMO="unified"
-if [[ "${1:-}" == "uniwetok" || "${1:-}" == "unified" || "${1:-}" == "evotok" ]]; then
+if [[ "${1:-}" =~ ^(uniwetok|mingtok|unified|evotok)$ ]]; then
   DEMO="$1"
   shift
 fi
 source launch/setup_env.sh ""  # no extras (and not this script's own arguments)
 export TF_CPP_MIN_LOG_LEVEL=2
 
-if [[ "$DEMO" == "uniwetok" ]]; then
-  WORKDIR="${1:-$REPO/workdir_demo_uniwetok}"
+if [[ "$DEMO" == "uniwetok" || "$DEMO" == "mingtok" ]]; then
+  WORKDIR="${1:-$REPO/workdir_demo_$DEMO}"
   shift || true
-  python -m unimm_jax.main --config=configs/uniwetok.py:demo --workdir="$WORKDIR" \
-      --config.train.steps=500 "$@"
+  STEPS=()
+  [[ "$DEMO" == "uniwetok" ]] && STEPS=(--config.train.steps=500)
+  python -m unimm_jax.main --config="configs/$DEMO.py:demo" --workdir="$WORKDIR" \
+      "${STEPS[@]}" "$@"
   python -m unimm_jax.data.export_builtin --output="$WORKDIR/heldout_photos" --names=eval
   python -m unimm_jax.main --mode=encode --workdir="$WORKDIR" \
-      --input="$WORKDIR/heldout_photos" --output="$WORKDIR/heldout_codes.npz"
+      --input="$WORKDIR/heldout_photos" --output="$WORKDIR/heldout_tokens.npz"
   python -m unimm_jax.main --mode=decode --workdir="$WORKDIR" \
-      --input="$WORKDIR/heldout_codes.npz" --output="$WORKDIR/heldout_decoded"
+      --input="$WORKDIR/heldout_tokens.npz" --output="$WORKDIR/heldout_decoded"
   echo "TensorBoard logs, reconstructions/*.png and checkpoints/ are in $WORKDIR"
   echo "  tensorboard --logdir $WORKDIR"
   exit 0

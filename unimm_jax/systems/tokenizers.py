@@ -16,6 +16,7 @@ import ml_collections
 from unimm_jax.models.tokenizer_interface import CodeLayout, TrainingModule
 from unimm_jax.systems import chameleon_vqgan
 from unimm_jax.systems import evotok
+from unimm_jax.systems import mingtok
 from unimm_jax.systems import uniwetok
 
 ModelConfig = ml_collections.ConfigDict
@@ -64,6 +65,10 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
                             import_weights=evotok.import_weights,
                             trajectory_levels=evotok.trajectory_levels,
                             initial_weights=evotok.initial_weights),
+    "mingtok": TokenizerSpec(build=mingtok.build, downsample_factor=mingtok.downsample_factor,
+                             code_layout=mingtok.code_layout,
+                             training_modules=mingtok.training_modules,
+                             import_weights=mingtok.import_weights),
 }
 
 
