@@ -4,6 +4,10 @@ Variants, chosen by the text after the colon:
   configs/lm.py:tiny   tests: byte-level 2-layer model, 64-token rows, a few steps.
   configs/lm.py:demo   a byte-level 4-layer model on the built-in CPython corpus, ~5 min on
                        2 CPU cores; prints held-out loss and a sample at the start and end.
+  configs/lm.py:tiny,moe   after a size: a mixture-of-experts LM (Bailing MoE / Ling-style:
+                       layer 0 dense, the others 8 routed SwiGLU experts of a quarter of
+                       intermediate_size, top-2, plus 1 shared expert). The LM task trains
+                       it without the router balance loss (the MLLM task weights it).
   configs/lm.py:qwen2_5_7b   Qwen2.5-7B's shape (28 layers, hidden 3584, 28/4 heads, MLP
                        18944, vocab 152064, q/k/v bias, untied head), bf16 compute, scanned
                        and rematerialised layers, 4096-token rows, batch 256: for
@@ -46,6 +50,15 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       remat=False,
       attention_impl="xla",  # jax.nn.dot_product_attention's: 'xla', or 'cudnn' on GPUs
       init_path="",  # a transformers checkpoint (same architecture) a fresh run starts from
+      # Mixture of experts (unimm_jax/nn/moe.py, LLMConfig's fields); 0 experts = dense.
+      num_experts=0,
+      num_experts_per_tok=0,
+      moe_intermediate_size=0,
+      num_shared_experts=0,
+      first_k_dense_replace=0,
+      norm_topk_prob=True,
+      num_routers=1,  # 3: Bailing's multi_gate (text, image, audio routers)
+      moe_dispatch="dense",  # 'dense' | 'ragged' (same result; see unimm_jax/nn/moe.py)
   ))
   config.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.1,
@@ -86,6 +99,13 @@ def _tiny(config):
   config.eval.sample_tokens = 8
 
 
+def _moe(config):
+  m = config.model
+  m.num_experts, m.num_experts_per_tok, m.num_shared_experts = 8, 2, 1
+  m.moe_intermediate_size = max(m.intermediate_size // 4, 8)
+  m.first_k_dense_replace = 1
+
+
 def _qwen2_5_7b(config):
   m = config.model
   m.vocab_size, m.hidden_size, m.intermediate_size = 152064, 3584, 18944
@@ -98,4 +118,4 @@ def _qwen2_5_7b(config):
   config.mesh.data, config.mesh.fsdp = 1, -1  # FSDP over every device
 
 
-_VARIANTS = {"demo": _demo, "tiny": _tiny, "qwen2_5_7b": _qwen2_5_7b}
+_VARIANTS = {"demo": _demo, "tiny": _tiny, "moe": _moe, "qwen2_5_7b": _qwen2_5_7b}

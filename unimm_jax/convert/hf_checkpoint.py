@@ -103,14 +103,15 @@ class LazyArray:
   """One of our parameters as a view of checkpoint tensors, read slice by slice.
 
   `view()` returns a numpy view (memmap-backed: transposes and reshapes of contiguous data
-  copy nothing); `layers`, when set, is a list of such views stacked on a new leading axis
-  (scan over layers), read only for the layers a slice asks for. `source` names the
-  checkpoint tensor(s) for error messages.
+  copy nothing); `layers`, when set, is a list of such views, or of LazyArrays (stacks
+  themselves: an MoE layer's experts, stacked again over scanned layers), stacked on a new
+  leading axis, read only for the entries a slice asks for. `source` names the checkpoint
+  tensor(s) for error messages.
   """
   shape: tuple[int, ...]
   source: str
   view: Callable[[], np.ndarray] | None = None
-  layers: tuple[Callable[[], np.ndarray], ...] | None = None
+  layers: tuple[Any, ...] | None = None
 
   def __getitem__(self, index) -> np.ndarray:
     index = index if isinstance(index, tuple) else (index,)
@@ -118,7 +119,9 @@ class LazyArray:
       return np.asarray(self.view()[index])
     first, rest = (index[0] if index else slice(None)), index[1:]
     chosen = range(len(self.layers))[first]
-    return np.stack([np.asarray(self.layers[i]()[rest]) for i in chosen])
+    parts = [self.layers[i] for i in chosen]
+    return np.stack([np.asarray(p[rest] if isinstance(p, LazyArray) else p()[rest])
+                     for p in parts])
 
 
 class RowsAsMean:
@@ -218,15 +221,16 @@ class Reader:
                        f'{unused[:10]}{" ..." if len(unused) > 10 else ""}')
 
 
-def stack(per_layer: Sequence[LazyArray]) -> LazyArray:
-  """Stacks per-layer LazyArrays of equal shape on a new leading (layers) axis."""
+def stack(per_layer: Sequence[LazyArray], what: str = 'layers') -> LazyArray:
+  """Stacks LazyArrays of equal shape (per layer, or per expert: `what`) on a new leading
+  axis; they may be stacks themselves."""
   shapes = {a.shape for a in per_layer}
   if len(shapes) != 1:
-    raise ValueError('layers differ in shape: ' +
+    raise ValueError(f'{what} differ in shape: ' +
                      ', '.join(f'{a.source} {a.shape}' for a in per_layer))
   return LazyArray(shape=(len(per_layer),) + per_layer[0].shape,
-                   source=f'{per_layer[0].source} (x{len(per_layer)} layers)',
-                   layers=tuple(a.view for a in per_layer))
+                   source=f'{per_layer[0].source} (x{len(per_layer)} {what})',
+                   layers=tuple(a.view if a.layers is None else a for a in per_layer))
 
 
 def stack_layer_trees(trees: Sequence[Mapping]) -> dict:

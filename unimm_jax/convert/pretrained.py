@@ -71,7 +71,7 @@ def convert_checkpoint(path: str, **overrides) -> Converted:
 # Fields of a module config that say how it runs, not what it computes: a checkpoint may
 # differ in them from the model it starts.
 RUN_FIELDS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'attention_impl', 'dropout_rate',
-              'initializer_range', 'suppressed_token_ids')
+              'initializer_range', 'suppressed_token_ids', 'moe_dispatch')
 
 
 def starting_sources(path: str, want: Any, *, where: str, ignore: Sequence[str] = (),

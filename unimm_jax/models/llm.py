@@ -1,4 +1,5 @@
-"""Decoder-only language model shared by every unified model (Qwen2, Qwen3, Llama, Chameleon).
+"""Decoder-only language model shared by every unified model (Qwen2, Qwen3, Llama, Chameleon,
+Bailing MoE / Ling).
 
 Layer (pre-norm, the default):  h = x + attn(norm1(x));  out = h + mlp(norm2(h))
 Layer (Chameleon `swin_norm`):   h = x + norm1(attn(x));  out = h + norm2(mlp(h))
@@ -9,8 +10,18 @@ attn: `unimm_jax.nn.attention.MultiHeadAttention` in transformers' parameter lay
   eps 1e-5, no statistics across heads, then a per-head scale and bias of shape (heads,
   head_dim)), RoPE in the rotate-half convention (channel i pairs with i + head_dim/2), then
   the output projection.
-mlp: `unimm_jax.nn.mlp.SwiGLU`, down(silu(gate(x)) * up(x)).
-Then a final RMSNorm and the LM head (its own kernel, or the token embedding when tied).
+mlp: `unimm_jax.nn.mlp.SwiGLU`, down(silu(gate(x)) * up(x)); with num_experts > 0, layers
+  from `first_k_dense_replace` on use `unimm_jax.nn.moe.MoEFeedForward` instead (top-k routed
+  SwiGLU experts plus shared experts; params still under `mlp`).
+Then a final RMSNorm and the LM head (its own kernel, or the token embedding when tied;
+`norm_head` divides each hidden unit's column of the head kernel by its L2 norm over the
+vocabulary, the norm treated as a constant in the backward pass, as Bailing's `norm_head`).
+
+MoE statistics: each MoE layer's load-balance loss and expert load (`nn.moe`) are sown into
+the 'intermediates' collection as `router_aux_loss` (the mean over MoE layers, float32 ())
+and `expert_load` (num MoE layers, num_experts); apply with `mutable='intermediates'` and
+read them with `moe_stats`. The loss is unweighted: a task multiplies it by its config.loss
+weight. Without `mutable` the sow is a no-op; dense models sow nothing.
 
 Sequences: `attention_mask` (b, s) marks real tokens (left-padded batches), `segment_ids`
 (b, s) restricts attention to tokens of the same segment (packed documents), and `mask` (a
@@ -35,6 +46,7 @@ import numpy as np
 from unimm_jax.nn import initializers
 from unimm_jax.nn import kv_cache
 from unimm_jax.nn import masks
+from unimm_jax.nn import moe
 from unimm_jax.nn.dtypes import compute_dtype
 from unimm_jax.nn.attention import MultiHeadAttention
 from unimm_jax.nn.kv_cache import CACHE_AXES, KVCache
@@ -47,7 +59,7 @@ Dtype = Any
 QK_NORMS = (None, 'rms', 'chameleon')
 _ATTENTION_QK_NORMS = {None: None, 'rms': 'rms', 'chameleon': 'layernorm'}
 __all__ = ['CACHE_AXES', 'KVCache', 'LLM', 'LLMConfig', 'RopeScaling', 'default_positions',
-           'init_cache']
+           'init_cache', 'moe_stats', 'num_dense_prefix']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +79,17 @@ class LLMConfig:
     'cudnn' (fused kernel on NVIDIA GPUs) or None (JAX chooses).
   dropout_rate: dropout on each sublayer's output before it joins the residual stream
     (Chameleon's `dropout`); active only when `apply` gets a 'dropout' rng.
+  norm_head: Bailing's normalised LM head (module docstring).
+  num_experts: 0 for a dense model; else the routed experts of each MoE layer.
+  num_experts_per_tok: top k; moe_intermediate_size: each expert's SwiGLU width;
+  num_shared_experts: shared experts, one SwiGLU of num_shared_experts *
+    moe_intermediate_size; first_k_dense_replace: the first layers keep the dense MLP
+    (intermediate_size); norm_topk_prob: renormalise the top-k weights to sum 1;
+  num_routers: 1, or 3 for Bailing's multi_gate (text, image, audio routers, chosen per token
+    by `gate_ids`); moe_dispatch: 'dense' or 'ragged' (`unimm_jax.nn.moe`: same result,
+    different cost and sharding).
+  With scan_layers, a dense prefix (first_k_dense_replace > 0) is its own scan
+  (`dense_layers`) before the MoE layers' (`layers`).
   """
   vocab_size: int
   hidden_size: int
@@ -92,6 +115,15 @@ class LLMConfig:
   remat: bool = False
   attention_impl: str | None = 'xla'
   dropout_rate: float = 0.0
+  norm_head: bool = False
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  num_shared_experts: int = 0
+  first_k_dense_replace: int = 0
+  norm_topk_prob: bool = True
+  num_routers: int = 1
+  moe_dispatch: str = 'dense'
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -108,11 +140,33 @@ class LLMConfig:
       raise ValueError(f'dropout_rate={self.dropout_rate} must be in [0, 1)')
     if self.qk_norm not in QK_NORMS:
       raise ValueError(f'qk_norm={self.qk_norm!r} is not one of {QK_NORMS}')
+    if self.num_experts:
+      if not 1 <= self.num_experts_per_tok <= self.num_experts:
+        raise ValueError(f'num_experts_per_tok={self.num_experts_per_tok} must be in 1..'
+                         f'num_experts={self.num_experts}')
+      if self.moe_intermediate_size <= 0:
+        raise ValueError('an MoE model (num_experts > 0) needs moe_intermediate_size > 0')
+      if self.moe_dispatch not in moe.DISPATCHES:
+        raise ValueError(f'moe_dispatch={self.moe_dispatch!r} is not one of {moe.DISPATCHES}')
+      if not 1 <= self.num_routers <= len(moe.ROUTER_NAMES):
+        raise ValueError(f'num_routers={self.num_routers} is not in '
+                         f'1..{len(moe.ROUTER_NAMES)}')
+    if self.norm_head and self.tie_word_embeddings:
+      raise ValueError('norm_head needs an untied LM head (tie_word_embeddings=False)')
     object.__setattr__(self, 'suppressed_token_ids', tuple(self.suppressed_token_ids))
     bad = [t for t in self.suppressed_token_ids if not 0 <= t < self.vocab_size]
     if bad:
       raise ValueError(f'suppressed_token_ids {bad[:5]} are outside the vocabulary '
                        f'(vocab_size={self.vocab_size})')
+
+  def is_moe_layer(self, i: int) -> bool:
+    return self.num_experts > 0 and i >= self.first_k_dense_replace
+
+
+# MoE fields a config's `model` may set (configs/lm.py:moe); absent means dense.
+_MOE_FIELDS = dict(num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0,
+                   num_shared_experts=0, first_k_dense_replace=0, norm_topk_prob=True,
+                   num_routers=1, moe_dispatch='dense')
 
 
 def config_from_fields(model, vocab_size: int = 0) -> LLMConfig:
@@ -137,6 +191,7 @@ def config_from_fields(model, vocab_size: int = 0) -> LLMConfig:
       remat=model.remat,
       attention_impl=model.attention_impl,
       dropout_rate=model.get('dropout_rate', 0.0),
+      **{name: model.get(name, default) for name, default in _MOE_FIELDS.items()},
   )
 
 
@@ -144,6 +199,21 @@ def init_cache(config: LLMConfig, batch_size: int, max_length: int) -> KVCache:
   """An empty cache with room for `max_length` tokens (prompt, padding and new tokens)."""
   return kv_cache.init_cache(config.num_layers, batch_size, max_length, config.num_kv_heads,
                              config.head_dim, config.dtype)
+
+
+def num_dense_prefix(c: LLMConfig) -> int:
+  """With scan_layers, the leading dense layers of an MoE model that form their own scan
+  (`dense_layers`); 0 when every layer is of one kind (all in `layers`)."""
+  if c.num_experts and c.first_k_dense_replace < c.num_layers:
+    return c.first_k_dense_replace
+  return 0  # a dense model, or an MoE model whose layers are all dense
+
+
+def moe_stats(mutated: dict) -> dict[str, jax.Array]:
+  """`router_aux_loss` () and `expert_load` (num MoE layers, E) from the variables that
+  `apply(..., mutable='intermediates')` returned; {} for a dense model."""
+  sown = mutated.get('intermediates', {})
+  return {name: sown[name][0] for name in ('router_aux_loss', 'expert_load') if name in sown}
 
 
 def default_positions(mask: jax.Array, segment_ids: jax.Array | None = None,
@@ -169,13 +239,16 @@ class DecoderLayer(nn.Module):
 
   Shapes: carry = (x (b, s, d), cache: a `kv_cache.LayerCache` over every layer's slots, or
   None); layer () int32, this layer's index into the cache; angles (b, s, head_dim // 2)
-  rotary angles; mask (b, 1, s, t) bool with t = s without a cache, t = max_length with one.
-  Returns ((x, cache), None).
+  rotary angles; mask (b, 1, s, t) bool with t = s without a cache, t = max_length with one;
+  token_mask (b, s) bool, the tokens an MoE's balance loss counts; gate_ids (b, s) int or
+  None, each token's router (MoE with several). Returns ((x, cache), aux): aux the MoE
+  layer's `moe.MoEAux`, None for a dense layer (`moe` False).
   """
   config: LLMConfig
+  moe: bool = False
 
   @nn.compact
-  def __call__(self, carry, layer, angles, mask):
+  def __call__(self, carry, layer, angles, mask, token_mask=None, gate_ids=None):
     c = self.config
     x, cache = carry
     norm1 = RMSNorm(c.rms_norm_eps, dtype=c.dtype, name='input_layernorm')
@@ -186,9 +259,19 @@ class DecoderLayer(nn.Module):
         qk_norm_eps=c.rms_norm_eps if c.qk_norm == 'rms' else 1e-5, rope='rotate_half',
         param_layout='hf', kernel_stddev=c.initializer_range, implementation=c.attention_impl,
         dtype=c.dtype, param_dtype=c.param_dtype, name='self_attn')
-    mlp = SwiGLU(c.intermediate_size, use_bias=c.mlp_bias, layout='hf',
-                 kernel_stddev=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype,
-                 name='mlp')
+    if self.moe:
+      moe_ffn = moe.MoEFeedForward(
+          c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size,
+          num_shared_experts=c.num_shared_experts, norm_topk_prob=c.norm_topk_prob,
+          num_routers=c.num_routers, dispatch=c.moe_dispatch,
+          kernel_stddev=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype,
+          name='mlp')
+      mlp = lambda h: moe_ffn(h, token_mask, gate_ids)  # (y, MoEAux)
+    else:
+      swiglu = SwiGLU(c.intermediate_size, use_bias=c.mlp_bias, layout='hf',
+                      kernel_stddev=c.initializer_range, dtype=c.dtype,
+                      param_dtype=c.param_dtype, name='mlp')
+      mlp = lambda h: (swiglu(h), None)
 
     # Training passes a 'dropout' rng; inference and evaluation do not.
     dropout = nn.Dropout(c.dropout_rate, deterministic=not self.has_rng('dropout'))
@@ -201,12 +284,14 @@ class DecoderLayer(nn.Module):
     if c.swin_norm:
       attended, cache = attend(x)
       h = x + dropout(norm1(attended))
-      out = h + dropout(norm2(mlp(h)))
+      y, aux = mlp(h)
+      out = h + dropout(norm2(y))
     else:
       attended, cache = attend(norm1(x))
       h = x + dropout(attended)
-      out = h + dropout(mlp(norm2(h)))
-    return (nn.with_logical_constraint(out, ('batch', 'length', 'embed')), cache), None
+      y, aux = mlp(norm2(h))
+      out = h + dropout(y)
+    return (nn.with_logical_constraint(out, ('batch', 'length', 'embed')), cache), aux
 
 
 class LLM(nn.Module):
@@ -224,12 +309,16 @@ class LLM(nn.Module):
         embedding_init=initializers.normal(c.initializer_range, 'vocab', 'embed'))
     layer_cls = nn.remat(DecoderLayer, prevent_cse=not c.scan_layers) if c.remat else DecoderLayer
     if c.scan_layers:
-      self.layers = nn.scan(layer_cls, variable_axes={'params': 0},
-                            split_rngs={'params': True, 'dropout': True},
-                            in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
-                            metadata_params={nn.PARTITION_NAME: 'layers'})(c)
+      # Layers of one kind per scan: a dense prefix of an MoE model is a scan of its own.
+      first = num_dense_prefix(c)
+      scan = lambda length, is_moe: nn.scan(
+          layer_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=(0,) + (nn.broadcast,) * 4, length=length,
+          metadata_params={nn.PARTITION_NAME: 'layers'})(c, moe=is_moe)
+      self.dense_layers = scan(first, False) if first else None
+      self.layers = scan(c.num_layers - first, c.is_moe_layer(first))
     else:
-      self.layers = [layer_cls(c) for _ in range(c.num_layers)]
+      self.layers = [layer_cls(c, moe=c.is_moe_layer(i)) for i in range(c.num_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, dtype=c.dtype)
     if not c.tie_word_embeddings:
       self.lm_head = self.param('lm_head',
@@ -246,7 +335,8 @@ class LLM(nn.Module):
                     segment_ids: jax.Array | None = None,
                     attention_mask: jax.Array | None = None,
                     mask: masks.MaskSpec | None = None,
-                    cache: KVCache | None = None):
+                    cache: KVCache | None = None,
+                    gate_ids: jax.Array | None = None):
     """Final-normed hidden states. See `__call__` for the arguments.
 
     Returns:
@@ -282,12 +372,24 @@ class LLM(nn.Module):
     angles = rope_1d_angles(positions, rope_inverse_frequencies(c.head_dim, c.rope_theta,
                                                                 c.rope_scaling))
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    routing = (real, gate_ids)
     if c.scan_layers:
-      (x, layer_cache), _ = self.layers((x, layer_cache), jnp.arange(c.num_layers), angles,
-                                        dense)
+      first = num_dense_prefix(c)
+      if first:
+        (x, layer_cache), _ = self.dense_layers((x, layer_cache), jnp.arange(first), angles,
+                                                dense, *routing)
+      (x, layer_cache), aux = self.layers((x, layer_cache), jnp.arange(first, c.num_layers),
+                                          angles, dense, *routing)
     else:
+      per_layer = []
       for i, layer in enumerate(self.layers):
-        (x, layer_cache), _ = layer((x, layer_cache), i, angles, dense)
+        (x, layer_cache), layer_aux = layer((x, layer_cache), i, angles, dense, *routing)
+        per_layer.append(layer_aux)
+      per_layer = [a for a in per_layer if a is not None]
+      aux = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else None
+    if aux is not None:  # (num MoE layers, ...) stacked MoEAux
+      self.sow('intermediates', 'router_aux_loss', jnp.mean(aux.balance_loss))
+      self.sow('intermediates', 'expert_load', aux.expert_load)
     x = self.norm(x)
     if cache is None:
       return x
@@ -303,7 +405,11 @@ class LLM(nn.Module):
     if c.tie_word_embeddings:
       logits = self.embed_tokens.attend(hidden.astype(c.dtype))
     else:
-      logits = jnp.dot(hidden.astype(c.dtype), self.lm_head.astype(c.dtype))
+      head = self.lm_head
+      if c.norm_head:  # Bailing: each hidden unit's column over the vocabulary to norm 1
+        norm = jnp.linalg.norm(head.astype(jnp.float32), axis=1, keepdims=True)
+        head = head / jax.lax.stop_gradient(norm + 1e-7).astype(head.dtype)
+      logits = jnp.dot(hidden.astype(c.dtype), head.astype(c.dtype))
     logits = logits.astype(jnp.float32)
     if c.suppressed_token_ids:
       suppressed = np.zeros((c.vocab_size,), bool)
@@ -317,7 +423,8 @@ class LLM(nn.Module):
                segment_ids: jax.Array | None = None,
                attention_mask: jax.Array | None = None,
                mask: masks.MaskSpec | None = None,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None,
+               gate_ids: jax.Array | None = None):
     """Next-token logits.
 
     Args:
@@ -332,12 +439,14 @@ class LLM(nn.Module):
       mask: which tokens see which (`unimm_jax.nn.masks`); default causal. With a cache its
         orders continue the cache's (`masks.causal(b, s, offset=cache.index)`).
       cache: a KVCache; the s tokens are written at its next slots.
+      gate_ids: (b, s) int, each token's router in an MoE with several (Bailing's
+        multi_gate: 0 text, 1 image, 2 audio); default 0. Ignored with one router.
     Returns:
       (b, s, vocab) float32 logits; with a cache, (logits, updated cache).
     """
     out = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
                              segment_ids=segment_ids, attention_mask=attention_mask, mask=mask,
-                             cache=cache)
+                             cache=cache, gate_ids=gate_ids)
     if cache is None:
       return self.logits(out)
     hidden, cache = out

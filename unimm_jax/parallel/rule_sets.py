@@ -12,6 +12,13 @@ explicit (logical name, mesh axes) pairs. The mesh sizes come from `config.mesh`
                  are split, and so are the activations that carry them.
   fsdp_tensor    both: fsdp for embed/conv_out and the batch, tensor for heads/mlp/vocab.
 
+`expert` is the leading axis of a mixture-of-experts layer's stacked expert kernels
+(`unimm_jax.nn.moe`): stored sharded over `fsdp` (gathered per layer, like every fsdp
+parameter) in fsdp, split over `tensor` in tensor and fsdp_tensor (each device computes its
+own experts), replicated in data_parallel. Its rule comes before embed's and mlp's: Flax gives
+a mesh axis to the first rule that claims it, as `sharding.spec_for` gives it to the first
+dimension (the expert axis leads), so both place an expert kernel the same way.
+
 A dimension its mesh axes do not divide stays replicated (`sharding.spec_for`), so one set
 serves every model: a 3-channel conv output or 4 registers are simply not split.
 """
@@ -21,14 +28,17 @@ _COMMON = (("kv", None), ("length", None), ("conv_in", None), ("codebook", None)
            ("layers", None))  # layers: the stacked axis of scanned layers
 
 RULE_SETS: dict[str, tuple[tuple[str, Any], ...]] = {
-    "data_parallel": (("batch", "data"), ("embed", None), ("conv_out", None),
-                      ("heads", None), ("mlp", None), ("vocab", None)) + _COMMON,
-    "fsdp": (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("conv_out", "fsdp"),
-             ("heads", None), ("mlp", None), ("vocab", None)) + _COMMON,
-    "tensor": (("batch", "data"), ("embed", None), ("conv_out", "tensor"),
-               ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor")) + _COMMON,
-    "fsdp_tensor": (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("conv_out", "fsdp"),
-                    ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor")) + _COMMON,
+    "data_parallel": (("batch", "data"), ("expert", None), ("embed", None),
+                      ("conv_out", None), ("heads", None), ("mlp", None),
+                      ("vocab", None)) + _COMMON,
+    "fsdp": (("batch", ("data", "fsdp")), ("expert", "fsdp"), ("embed", "fsdp"),
+             ("conv_out", "fsdp"), ("heads", None), ("mlp", None), ("vocab", None)) + _COMMON,
+    "tensor": (("batch", "data"), ("expert", "tensor"), ("embed", None),
+               ("conv_out", "tensor"), ("heads", "tensor"), ("mlp", "tensor"),
+               ("vocab", "tensor")) + _COMMON,
+    "fsdp_tensor": (("batch", ("data", "fsdp")), ("expert", "tensor"), ("embed", "fsdp"),
+                    ("conv_out", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
+                    ("vocab", "tensor")) + _COMMON,
 }
 
 
