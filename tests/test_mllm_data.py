@@ -443,7 +443,9 @@ def test_config_validation_names_the_key():
          'both 0': dict(understanding_weight=0.0, generation_weight=0),
          'image_root': dict(image_root='x'), 'tokenizer': dict(tokenizer='nope'),
          'num_eval_examples': dict(num_eval_examples=20_000),
-         'questions_per_image': dict(questions_per_image=7)}
+         'questions_per_image': dict(questions_per_image=7),
+         'editing_weight': dict(editing_weight=-1.0), 'max_edits': dict(max_edits=0),
+         'cannot hold': dict(editing_weight=1.0, images_per_row=3)}
   for match, change in bad.items():
     cfg = default_mllm_data_config()
     cfg.update(change)

@@ -1,10 +1,10 @@
 """Grain pipelines of conversation records for unified MLLMs: sources, mixture, packing.
 
 Sources (`make_conversation_sources`, one per kind, random access, records as in
-`mllm_sequence`): the built-in scenes (`scene_conversations.SceneConversations`), or JSONL
-files with one record per line:
+`mllm_sequence`): the built-in scenes (`scene_conversations.SceneConversations`, and
+`scene_edits.SceneEdits` for editing), or JSONL files with one record per line:
 
-    {"kind": "understanding" | "generation", "meta": {...},
+    {"kind": "understanding" | "generation" | "editing", "meta": {...},
      "messages": [{"role": "user", "content": [{"type": "image", "path": "a/b.png"},
                                                {"type": "text", "text": "..."}]}, ...]}
 
@@ -56,7 +56,7 @@ import numpy as np
 from unimm_jax.data import mllm_sequence
 # Re-exported: configs build `config.data` with mllm_data.default_mllm_data_config().
 from unimm_jax.data.mllm_data_config import default_mllm_data_config  # pylint: disable=unused-import
-from unimm_jax.data.mllm_data_config import validate_mllm_data_config
+from unimm_jax.data.mllm_data_config import KIND_WEIGHT_FIELDS, validate_mllm_data_config
 from unimm_jax.data.mllm_sequence import KINDS, EncodedSequence, ImageSlots, SpecialIds
 from unimm_jax.data.pipeline import _ProcessSlice, host_batch_size, max_consecutive_skips
 from unimm_jax.data.pipeline import prefetch_in_workers, shuffled_shard
@@ -139,8 +139,7 @@ def _scan_jsonl(paths) -> tuple[dict[str, list], list]:
 
 def mixture_weights(data_config: ml_collections.ConfigDict) -> dict[str, float]:
   """Kind -> its weight in the train mixture, kinds with weight 0 left out."""
-  weights = {'understanding': float(data_config.understanding_weight),
-             'generation': float(data_config.generation_weight)}
+  weights = {kind: float(data_config[field]) for kind, field in KIND_WEIGHT_FIELDS.items()}
   return {kind: w for kind, w in weights.items() if w > 0}
 
 
@@ -153,12 +152,15 @@ def make_conversation_sources(data_config: ml_collections.ConfigDict, split: str
   if data_config.source == 'scenes':
     # Imported here: only the scenes source needs the scene renderer.
     from unimm_jax.data.scene_conversations import SceneConversations  # pylint: disable=g-import-not-at-top
+    from unimm_jax.data.scene_edits import SceneEdits  # pylint: disable=g-import-not-at-top
     train = split == 'train'
     size = data_config.num_train_examples if train else data_config.num_eval_examples
     # Eval asks one question per image, so that answer accuracy counts single questions.
     turns = data_config.questions_per_image if train else 1
-    return {kind: SceneConversations(split, kind, size, data_config.image_size,
-                                     data_config.scene_seed, turns) for kind in kinds}
+    return {kind: SceneEdits(split, size, data_config.image_size, data_config.scene_seed,
+                             data_config.max_edits) if kind == 'editing' else
+            SceneConversations(split, kind, size, data_config.image_size,
+                               data_config.scene_seed, turns) for kind in kinds}
   field = 'eval_path' if split == 'eval' and data_config.eval_path else 'path'
   if not data_config[field]:
     raise ValueError("config.data.path is empty; source 'jsonl' needs the conversations' "
@@ -395,7 +397,7 @@ def build_mllm_eval_batches(data_config: ml_collections.ConfigDict, tokenizer,
 
 def eval_records(data_config: ml_collections.ConfigDict, kind: str, count: int) -> list[dict]:
   """The first `count` readable records of `kind` in the eval split (with their meta:
-  answers, generation checks); [] for count 0."""
+  answers, generation and edit checks); [] for count 0."""
   if count <= 0:
     return []
   source = make_conversation_sources(data_config, 'eval', (kind,))[kind]

@@ -1,9 +1,11 @@
 """Conversation records -> token sequences with image slots, for unified MLLMs (model-free).
 
-A record (the MLLM data contract): `{'kind': 'understanding' | 'generation', 'messages':
-[{'role': 'system' | 'user' | 'assistant', 'content': [{'type': 'text', 'text': str} |
-{'type': 'image', 'image': uint8 (H, W, 3)} | {'type': 'image', 'path': str}, ...]}, ...],
-'meta': {...}}`.
+A record (the MLLM data contract): `{'kind': 'understanding' | 'generation' | 'editing',
+'messages': [{'role': 'system' | 'user' | 'assistant', 'content': [{'type': 'text', 'text':
+str} | {'type': 'image', 'image': uint8 (H, W, 3)} | {'type': 'image', 'path': str}, ...]},
+...], 'meta': {...}}`. The kind sorts records into the mixture; every kind is encoded the
+same way: an editing conversation (a user turn with the image and an instruction, then
+assistant images and further instructions) reads its first image and writes the others.
 
 Turn templates (`encode_conversation`, config.data.chat_template):
 
@@ -55,7 +57,7 @@ from unimm_jax.data.transforms import Unreadable, as_rgb_uint8, crop_or_resize, 
 from unimm_jax.data.transforms import normalize
 from unimm_jax.data.text_tokenizer import IM_END
 
-KINDS = ('understanding', 'generation')
+KINDS = ('understanding', 'generation', 'editing')
 ROLES = ('system', 'user', 'assistant')
 GENERATION_PROMPTS = ('answer', 'image')
 

@@ -46,6 +46,9 @@ the scene.
 Vocabulary. Every text here comes from the templates and word lists of this module and of
 scenes.py; `vocabulary()` derives the complete word list from them (for the word-level
 tokenizer `scene_tokenizer.SceneWordTokenizer`), so it cannot drift from the templates.
+The editing instructions of `scene_edits` (`EDIT_TEMPLATES`) add a few words;
+`vocabulary(edits=True)` appends them, sorted, after the words above, so that every word
+keeps its id and the plain vocabulary (the demos' tokenizer) is unchanged.
 """
 
 from __future__ import annotations
@@ -81,6 +84,15 @@ TEMPLATES = {
     'ref_size_colour': 'the {size} {colour} object',
     'prompt': 'Draw {article} {colour} {shape} {where}{more}.',
     'prompt_more': ' and {article} {colour} {shape} {where}',
+}
+# Editing instructions (`scene_edits`): edit kind -> template; 'ref_colour_shape' is the
+# referring expression every object of a scene has (colour-shape pairs are unique).
+EDIT_TEMPLATES = {
+    'recolour': 'Make {ref} {colour}.',
+    'move': 'Move {ref} to the {region}.',
+    'remove': 'Remove {ref}.',
+    'add': 'Add {article} {colour} {shape} {where}.',
+    'ref_colour_shape': 'the {colour} {shape}',
 }
 LIST_JOINERS = (', ', ' and ')
 ARTICLES = ('a', 'an')
@@ -157,6 +169,14 @@ def _references(scene: Scene, obj: SceneObject, by: str) -> list[str]:
   elif len(_unique(scene, size=obj.size, **{by: getattr(obj, by)})) == 1:
     refs.append(TEMPLATES[f'ref_size_{by}'].format(size=obj.size, **{by: getattr(obj, by)}))
   return refs
+
+
+def referring_expressions(scene: Scene, obj: SceneObject) -> list[str]:
+  """Every expression for `obj` that fits no other object of `scene`: by shape ('the
+  circle', 'the small circle'), by colour ('the red object', 'the large red object') when
+  unique, and always 'the red circle'."""
+  return (_references(scene, obj, 'shape') + _references(scene, obj, 'colour')
+          + [EDIT_TEMPLATES['ref_colour_shape'].format(colour=obj.colour, shape=obj.shape)])
 
 
 def _candidates(scene: Scene, qtype: str, rng: np.random.Generator
@@ -242,6 +262,16 @@ def generation_prompt(scene: Scene, regions: tuple[str, ...]) -> tuple[str, dict
   return prompt, {'targets': targets, 'min_fraction': MIN_TARGET_FRACTION}
 
 
+def check_split_size(split: str, num_examples: int) -> None:
+  """Raises ValueError unless `split` is a scenes split holding `num_examples` scenes."""
+  if split not in scenes.SPLITS:
+    raise ValueError(f'split must be one of {tuple(scenes.SPLITS)}, got {split!r}')
+  start, stop = scenes.SPLITS[split]
+  if not 1 <= num_examples <= stop - start:
+    raise ValueError(f'num_examples must be in [1, {stop - start}] for split {split!r}, '
+                     f'got {num_examples}')
+
+
 def _user(*content: dict) -> dict:
   return {'role': 'user', 'content': list(content)}
 
@@ -266,12 +296,7 @@ class SceneConversations:
                seed: int = 0, questions_per_image: int = 1):
     if kind not in KINDS:
       raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
-    if split not in scenes.SPLITS:
-      raise ValueError(f'split must be one of {tuple(scenes.SPLITS)}, got {split!r}')
-    start, stop = scenes.SPLITS[split]
-    if not 1 <= num_examples <= stop - start:
-      raise ValueError(f'num_examples must be in [1, {stop - start}] for split {split!r}, '
-                       f'got {num_examples}')
+    check_split_size(split, num_examples)
     if not 1 <= questions_per_image <= len(QUESTION_TYPES):
       raise ValueError(f'questions_per_image must be in [1, {len(QUESTION_TYPES)}], got '
                        f'{questions_per_image}')
@@ -329,15 +354,25 @@ class SceneConversations:
             f'questions_per_image={self.questions_per_image})')
 
 
-def vocabulary() -> tuple[str, ...]:
+def _words(templates) -> set[str]:
+  """The words of `templates` with their `{field}` slots removed."""
+  return {w for t in templates for w in WORD_PATTERN.findall(re.sub(r'\{\w+\}', ' ', t))}
+
+
+def vocabulary(edits: bool = False) -> tuple[str, ...]:
   """Every word, digit and punctuation mark that the texts of this module can contain.
 
   Derived from the templates (their `{field}` slots removed), the joiners, the position
-  phrases and every word list that fills a slot; sorted.
+  phrases and every word list that fills a slot; sorted. With `edits`, the words of the
+  editing instructions (`EDIT_TEMPLATES`; their slots take words of the lists above) that
+  are not among them follow, sorted: every word keeps its index.
   """
   texts = [re.sub(r'\{\w+\}', ' ', t) for t in TEMPLATES.values()]
   texts += [CAPTION_REQUEST, *LIST_JOINERS, *ARTICLES, *NUMBER_WORDS, *ANSWER_WORDS]
   texts += list(REGION_PHRASES.values())
   texts += [_phrase(r, c) for r in _ROWS for c in _COLUMNS]
   texts += [*COLOURS, *SHAPES, *SHAPE_PLURALS.values(), *SIZES]
-  return tuple(sorted({w for text in texts for w in WORD_PATTERN.findall(text)}))
+  words = tuple(sorted({w for text in texts for w in WORD_PATTERN.findall(text)}))
+  if not edits:
+    return words
+  return words + tuple(sorted(_words(EDIT_TEMPLATES.values()) - set(words)))

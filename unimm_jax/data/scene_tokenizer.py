@@ -2,8 +2,10 @@
 
 Ids: `SPECIAL_TOKENS` first (`<pad>` 0, `<bos>` 1, `<eos>` 2, `<unk>` 3, `<user>` 4,
 `<assistant>` 5), then every word, digit and punctuation mark of
-`scene_conversations.vocabulary()` in sorted order (about 80 ids in all). The word list is
+`scene_conversations.vocabulary()` in sorted order (78 ids in all). The word list is
 derived from the scene templates, so every text they produce encodes without `<unk>`.
+`SceneWordTokenizer(edits=True)` appends the few words of the editing instructions
+(`scene_edits`; `vocabulary(edits=True)`), so ids 0-77 stay those of the plain tokenizer.
 
 Encoding splits text into words (runs of letters), single digits, punctuation marks and
 special-token strings; a word not in the vocabulary is looked up lower-cased, then
@@ -33,8 +35,8 @@ _NO_SPACE_BEFORE = frozenset('.,?:;!')
 class SceneWordTokenizer(TextTokenizer):
   """Word-level tokenizer over the scene templates' vocabulary (module docstring)."""
 
-  def __init__(self, add_bos: bool = True):
-    self.tokens = SPECIAL_TOKENS + vocabulary()
+  def __init__(self, add_bos: bool = True, edits: bool = False):
+    self.tokens = SPECIAL_TOKENS + vocabulary(edits)
     self.ids = {token: i for i, token in enumerate(self.tokens)}
     if len(self.ids) != len(self.tokens):
       raise ValueError('scene vocabulary repeats a special token')

@@ -390,15 +390,16 @@ def _compile_chat_template(source: str):
 
 def load_tokenizer(spec: str) -> TextTokenizer:
   """`'byte'` -> `ByteTokenizer()`; `'scene_words'` -> the word-level tokenizer of the
-  procedural scenes (`scene_tokenizer.SceneWordTokenizer`); a directory ->
+  procedural scenes (`scene_tokenizer.SceneWordTokenizer`), `'scene_edit_words'` the same
+  with the editing instructions' words after them; a directory ->
   `HFTokenizer.from_dir(spec)`."""
   if spec == 'byte':
     return ByteTokenizer()
-  if spec == 'scene_words':
+  if spec in ('scene_words', 'scene_edit_words'):
     # Imported here: scene_tokenizer subclasses TextTokenizer from this module.
     from unimm_jax.data import scene_tokenizer  # pylint: disable=g-import-not-at-top
-    return scene_tokenizer.SceneWordTokenizer()
+    return scene_tokenizer.SceneWordTokenizer(edits=spec == 'scene_edit_words')
   if not isinstance(spec, str) or not os.path.isdir(spec):
-    raise ValueError(f"tokenizer {spec!r} is neither 'byte', 'scene_words' nor a directory "
-                     'holding an HF tokenizer.json')
+    raise ValueError(f"tokenizer {spec!r} is neither 'byte', 'scene_words', "
+                     "'scene_edit_words' nor a directory holding an HF tokenizer.json")
   return HFTokenizer.from_dir(spec)

@@ -20,6 +20,16 @@ Generated images (`check_generated_image`). Each pixel is assigned the nearest c
 dark backgrounds, blurred edges). A target of `check` passes when, inside its region, its
 colour has the most pixels among the palette colours and covers at least
 `check['min_fraction']` of the region. An image passes when every target passes.
+
+Edited images (`check_edited_image`, a round's check of `data.scene_edits`). The
+generation check of its 'targets' (the edited object: its new colour in its box, or its
+colour in the named half; none for a removal), and every 'kept' entry (an unchanged object:
+its colour the most common in its own box and covering the entry's 'min_fraction'), and
+every 'absent' entry (a colour that must be gone from a box: a recoloured object's old
+colour, a moved or removed object's colour from its old place) under its 'max_fraction'.
+So the unedited image fails (the old colour or object is still there, or an added one is
+missing) and so does one that redraws the target but loses or moves the rest. As for
+generation, colours and places are verified, shapes are not.
 """
 
 from __future__ import annotations
@@ -139,16 +149,21 @@ def palette_labels(image: np.ndarray, max_distance: float = DEFAULT_MAX_DISTANCE
   return np.where(distance.min(-1) <= max_distance, labels, -1)
 
 
+def _region_counts(labels: np.ndarray, region: Sequence[float]) -> tuple[np.ndarray, int]:
+  """(pixels of each palette colour, pixels in all) of `region` [x0, y0, x1, y1] in [0, 1]."""
+  h, w = labels.shape
+  x0, y0, x1, y1 = region
+  box = labels[int(round(y0 * h)):int(round(y1 * h)), int(round(x0 * w)):int(round(x1 * w))]
+  return np.bincount(box[box >= 0].ravel(), minlength=len(scenes.COLOURS)), box.size
+
+
 def target_passes(labels: np.ndarray, target: dict, min_fraction: float) -> bool:
   """Whether `target` ({'colour', 'region': [x0, y0, x1, y1]}) holds in `palette_labels`."""
-  h, w = labels.shape
-  x0, y0, x1, y1 = target['region']
-  box = labels[int(round(y0 * h)):int(round(y1 * h)), int(round(x0 * w)):int(round(x1 * w))]
-  if box.size == 0:
+  counts, size = _region_counts(labels, target['region'])
+  if size == 0:
     return False
-  counts = np.bincount(box[box >= 0].ravel(), minlength=len(scenes.COLOURS))
   wanted = counts[list(scenes.COLOURS).index(target['colour'])]
-  return bool(wanted >= min_fraction * box.size and wanted == counts.max())
+  return bool(wanted >= min_fraction * size and wanted == counts.max())
 
 
 def check_generated_image(image: np.ndarray, check: dict,
@@ -167,8 +182,42 @@ def check_generated_image(image: np.ndarray, check: dict,
 def generation_pass_rate(images: Sequence[np.ndarray], checks: Sequence[dict],
                          max_distance: float = DEFAULT_MAX_DISTANCE) -> float:
   """Fraction of `images` (each as in `check_generated_image`) that pass their check."""
+  return _pass_rate(check_generated_image, images, checks, max_distance)
+
+
+def _pass_rate(check_image, images: Sequence[np.ndarray], checks: Sequence[dict],
+               max_distance: float) -> float:
+  """Fraction of `images` for which `check_image(image, check, max_distance)` holds."""
   if len(images) != len(checks) or not checks:
     raise ValueError(f'need one check per image and at least one image, got {len(images)} '
                      f'images and {len(checks)} checks')
-  return float(np.mean([check_generated_image(im, c, max_distance)
-                        for im, c in zip(images, checks)]))
+  return float(np.mean([check_image(im, c, max_distance) for im, c in zip(images, checks)]))
+
+
+def check_edited_image(image: np.ndarray, check: dict,
+                       max_distance: float = DEFAULT_MAX_DISTANCE) -> bool:
+  """Whether an edited image shows what a round's instruction asked (module docstring).
+
+  Args:
+    image: uint8 (h, w, 3), or float (h, w, 3) in [-1, 1].
+    check: a round's check (`meta['checks'][k]` of `data.scene_edits.SceneEdits`):
+      {'targets', 'min_fraction', 'kept': [{'colour', 'region', 'min_fraction'}, ...],
+      'absent': [{'colour', 'region', 'max_fraction'}, ...]}.
+    max_distance: how far (RGB) a pixel may be from a palette colour to count as it.
+  """
+  labels = palette_labels(image, max_distance)
+  if not all(target_passes(labels, t, check['min_fraction']) for t in check['targets']):
+    return False
+  if not all(target_passes(labels, t, t['min_fraction']) for t in check['kept']):
+    return False
+  for gone in check['absent']:
+    counts, size = _region_counts(labels, gone['region'])
+    if counts[list(scenes.COLOURS).index(gone['colour'])] >= gone['max_fraction'] * size:
+      return False
+  return True
+
+
+def edit_pass_rate(images: Sequence[np.ndarray], checks: Sequence[dict],
+                   max_distance: float = DEFAULT_MAX_DISTANCE) -> float:
+  """Fraction of edited `images` (each as in `check_edited_image`) that pass their check."""
+  return _pass_rate(check_edited_image, images, checks, max_distance)
