@@ -31,16 +31,6 @@ import ml_collections
 
 from unimm_jax import config_defaults
 from unimm_jax.data import mllm_data
-from unimm_jax.data import text_tokenizer
-
-
-def _scene_tokens() -> tuple[ml_collections.ConfigDict, int]:
-  """(ids, vocabulary size) for the built-in scenes' word tokenizer: its words, then BOI
-  and EOI (the image codes are not vocabulary ids)."""
-  words = text_tokenizer.load_tokenizer("scene_words")
-  return ml_collections.ConfigDict(dict(
-      pad=words.pad_id, bos=words.bos_id, eos=words.eos_id, boi=words.vocab_size,
-      eoi=words.vocab_size + 1)), words.vocab_size + 2
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
@@ -78,7 +68,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
   config_defaults.set_mllm_schedule(config)
   config = config_defaults.apply_variants(config, arg, _VARIANTS, "configs/evotok_mllm.py")
   if config.data.tokenizer == "scene_words":
-    config.tokens, config.model.vocab_size = _scene_tokens()
+    config.tokens, config.model.vocab_size = config_defaults.scene_marker_tokens("scene_words")
   config.data.image_size = config.vq.encoder.image_size
   return config
 

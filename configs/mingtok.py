@@ -1,7 +1,8 @@
 """MingTok: the continuous unified tokenizer (../shared/papers/mingtok.txt section 2, SPECS 4).
 
 Variants (comma-separated, applied in order): `paper` (512 px, 256 tokens of 32 dims, Table 1;
-the default), `demo` (CPU: 64 px photos), `tiny` (tests), and the switches `no_masking`
+the default), `demo` (CPU: 64 px photos), `scenes` (CPU: 32 px built-in scenes, the tokenizer
+of Ming-UniVision's demo), `tiny` (tests), and the switches `no_masking`
 (plain feature distillation and reconstruction), `latent_only` / `semantic_only` (one
 feature-prediction target), `gan` (the optional adversarial term).
 
@@ -128,6 +129,15 @@ def _demo(config):
   config.eval.update(dict(num_images=64, batch_size=16))
 
 
+def _scenes(config):
+  """Ming-UniVision's demo tokenizer: 32 px built-in scenes with 4 px patches (8 x 8 latents
+  of 16 dims; a shape of about 5 px would share an 8 px patch with background), two blocks
+  of width 128 per stage, 1500 steps; no teacher, as `demo`."""
+  _demo(config)
+  _small(config, size=32, patch=4, latent_dim=16, width=128, depth=2)
+  config.data.source = "scenes"
+
+
 def _no_masking(config):
   """Ablation: no masking, so feature prediction becomes plain distillation on every token."""
   config.model.mask.ratio = 0.0
@@ -149,6 +159,7 @@ _VARIANTS = {
     "paper": _paper,
     "demo": _demo,
     "tiny": _tiny,
+    "scenes": _scenes,
     "no_masking": _no_masking,
     "latent_only": _only("latent_prediction"),
     "semantic_only": _only("semantic_prediction"),

@@ -15,6 +15,7 @@ import ml_collections
 from unimm_jax.data import data_config
 from unimm_jax.data import mllm_data_config
 from unimm_jax.data import text_data_config
+from unimm_jax.data import text_tokenizer
 from unimm_jax.parallel import rule_sets
 
 # Logical axis -> mesh axes by default: `batch` spans data and fsdp (FSDP is data parallel
@@ -280,3 +281,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.image_size % factor:
       raise ValueError(f"config.data.image_size={config.data.image_size} is not a multiple "
                        f"of the downsampling factor {factor} (model.ch_mult)")
+
+
+def scene_marker_tokens(tokenizer: str) -> tuple[ml_collections.ConfigDict, int]:
+  """(config.tokens, vocabulary size) of a unified system whose image tokens are not
+  vocabulary ids, on a built-in scene word tokenizer (`tokenizer`: 'scene_words' or
+  'scene_edit_words'): its pad, bos, eos, then BOI and EOI after its words."""
+  words = text_tokenizer.load_tokenizer(tokenizer)
+  return ml_collections.ConfigDict(dict(
+      pad=words.pad_id, bos=words.bos_id, eos=words.eos_id, boi=words.vocab_size,
+      eoi=words.vocab_size + 1)), words.vocab_size + 2

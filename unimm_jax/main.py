@@ -10,6 +10,8 @@ chat about an image and generate images with a unified MLLM.
       --prompt="What colour is the circle?"
   python -m unimm_jax.main --mode=generate --workdir=/tmp/mllm --prompt="a red circle on the \
       left" --output=/tmp/images --num_images=4 --cfg_scale=3
+  python -m unimm_jax.main --mode=edit --workdir=/tmp/ming --image=scene.png \
+      --prompt="Make the circle blue." --prompt="Move the square to the left." --output=/tmp/edits
   python -m unimm_jax.main --mode=import --config=configs/uniwetok.py:paper \
       --input=uniwetok.safetensors --workdir=/tmp/authors
   python -m unimm_jax.main --mode=plan --config=configs/lm.py:qwen2_5_7b \
@@ -43,8 +45,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs "
                                "(not needed by --mode=plan).")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "encode", "decode", "generate", "chat", "plan",
-                           "import"],
+                          ["train", "eval", "encode", "decode", "generate", "chat", "edit",
+                           "plan", "import"],
                           "What to run; each task supports some (README). plan: compile the "
                           "train step for config.mesh on fake CPU devices and print "
                           "parameters, FLOPs and per-device memory. import: write step 0 of a "
@@ -53,9 +55,11 @@ _INPUT = flags.DEFINE_string("input", None, "encode: image folder; decode: .npz 
                              "import: the authors' weights (a tokenizer: safetensors).")
 _OUTPUT = flags.DEFINE_string("output", None, "encode: .npz to write; decode, and generate "
                               "with an MLLM: folder for the PNGs.")
-_PROMPT = flags.DEFINE_string("prompt", None, "generate: the text to continue (an LM) or the "
-                              "image to draw (an MLLM); chat: the question.")
-_IMAGE = flags.DEFINE_string("image", None, "chat: the image the question is about.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "generate: the text to continue (an LM) "
+                                    "or the image to draw (an MLLM); chat: the question; "
+                                    "edit: one instruction per round (repeat the flag).")
+_IMAGE = flags.DEFINE_string("image", None, "chat: the image the question is about; edit: "
+                             "the image to edit.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "generate (an MLLM): images to draw.")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "generate (an MLLM): classifier-free "
                                 "guidance scale; default config.generation.cfg_scale.")
@@ -133,11 +137,24 @@ def _generate(config, workdir: str) -> None:
   if ignored:
     raise app.UsageError(f"--mode=generate of {task.kind} does not read "
                          f"{', '.join('--' + n for n in ignored)}")
-  print(task.generate(_context(config), workdir, _PROMPT.value, **options))
+  print(task.generate(_context(config), workdir, _single_prompt(), **options))
+
+
+def _single_prompt() -> str:
+  if len(_PROMPT.value) > 1:
+    raise app.UsageError(f"--mode={_MODE.value} takes one --prompt, got {len(_PROMPT.value)}")
+  return _PROMPT.value[0]
 
 
 def _chat(config, workdir: str) -> None:
-  print(tasks.build_task(config).chat(_context(config), workdir, _IMAGE.value, _PROMPT.value))
+  print(tasks.build_task(config).chat(_context(config), workdir, _IMAGE.value,
+                                      _single_prompt()))
+
+
+def _edit(config, workdir: str) -> None:
+  options = {"cfg_scale": _CFG_SCALE.value, "temperature": _TEMPERATURE.value}
+  print(tasks.build_task(config).edit(_context(config), workdir, _IMAGE.value,
+                                      list(_PROMPT.value), output=_OUTPUT.value, **options))
 
 
 def _import(config, workdir: str) -> None:
@@ -159,6 +176,7 @@ MODES = {
     "decode": Mode(_decode, "image codes", ("input", "output")),
     "generate": Mode(_generate, "generation", ("prompt",)),
     "chat": Mode(_chat, "chat about images", ("prompt",)),
+    "edit": Mode(_edit, "in-context image editing", ("image", "prompt", "output")),
     "import": Mode(_import, "importer of released weights", ("input",), reads_run=False),
     "plan": Mode(_plan, "plan", reads_run=False),
 }

@@ -5,11 +5,21 @@
   images = runner.generate(params, frozen, prompts, cfg_scale=3.0, temperature=1.0,
                            top_k=None, top_p=None, seed=0)    # (n, H, W, 3) in [-1, 1]
 
+  rounds = runner.edit(params, frozen, image, ['Make the circle blue.', ...], cfg_scale=3.0,
+                       temperature=1.0, seed=0)                 # (k, H, W, 3), one per round
+
 `records` are conversation records (`unimm_jax.data.mllm_sequence`): a user turn with an
 image and a question; the prompt ends after the assistant's prefix. Image prompts end with
 [BOI]; with a CFG scale other than 1 an unconditional stream that holds only [BOI] runs
 beside it with its own cache (SPECS 3). Both are batched (left-padded) and run on whatever
 devices hold `params` and the batch (a mesh: place them with a `MeshContext`).
+
+Editing (a system with `edits_in_context`): round r's prompt is the whole conversation so
+far (the user's image and first instruction, each generated image as an assistant turn, the
+next instructions) ending with [BOI]; every image enters as its latents (the user's image
+encoded once, in round 1; the generated ones as sampled, never rendered and re-encoded).
+With guidance a third stream keeps the images but drops the round's instruction (the
+text-unconditional stream of the two-scale CFG).
 """
 import functools
 from typing import Sequence
@@ -39,8 +49,8 @@ class MLLMRunner:
     missing = -len(items) % self.batch_multiple
     return list(items) + [items[-1]] * missing
 
-  def _collate(self, sequences) -> dict:
-    batch = mllm_sequence.collate_prompts(self._padded(sequences), images_per_row=1)
+  def _collate(self, sequences, images_per_row: int = 1) -> dict:
+    batch = mllm_sequence.collate_prompts(self._padded(sequences), images_per_row=images_per_row)
     return self.place(batch)
 
   @classmethod
@@ -75,19 +85,18 @@ class MLLMRunner:
 
   @functools.partial(jax.jit, static_argnums=(0,), static_argnames=('cfg_scale', 'temperature',
                                                                      'top_k', 'top_p'))
-  def _generate(self, params, frozen, batch, uncond, rng, *, cfg_scale: float,
-                temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
-    streams = [(self.system.embed(params, frozen, batch, train=False, rng=None).embeds,
-                batch['attention_mask'])]
-    if uncond is not None:
-      streams.append((self.system.embed(params, frozen, uncond, train=False, rng=None).embeds,
-                      uncond['attention_mask']))
+  def _generate(self, params, frozen, batch, others, rng, *, cfg_scale: float,
+                temperature: float, top_k: int | None, top_p: float | None):
+    """(images (b, H, W, 3), the final step state) for the conditional `batch` and the
+    guidance streams' batches `others` (a tuple, possibly empty)."""
+    streams = [(self.system.embed(params, frozen, b, train=False, rng=None).embeds,
+                b['attention_mask']) for b in (batch,) + tuple(others)]
     step_fn, state, n = self.system.image_step(
         params, frozen, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
         batch_size=batch['tokens'].shape[0])
     outputs, state = generation_loop.run(self.system.llm, params['llm'], streams, step_fn,
                                          state, rng, max_new=n, pad_id=self.system.ids.pad)
-    return self.system.render(params, frozen, outputs, state)
+    return self.system.render(params, frozen, outputs, state), state
 
   def generate(self, params, frozen, prompts: Sequence[str], *, cfg_scale: float = 1.0,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -101,12 +110,95 @@ class MLLMRunner:
                                                    generation_prompt='image',
                                                    template=self.chat_template)
                  for r in records]
-    uncond = None
+    others = ()
     if cfg_scale != 1.0:
-      blank = mllm_sequence.unconditional_image_prompt(self.system.ids, self.system.image_slots)
-      uncond = self._collate([blank] * len(prompts))
-    images = self._generate(params, frozen, self._collate(sequences), uncond,
-                            jax.random.key(seed), cfg_scale=float(cfg_scale),
-                            temperature=float(temperature), top_k=top_k,
-                            top_p=None if top_p is None else float(top_p))
+      others = (self._collate([self._unconditional()] * len(prompts)),)
+    images, _ = self._generate(params, frozen, self._collate(sequences), others,
+                               jax.random.key(seed), cfg_scale=float(cfg_scale),
+                               temperature=float(temperature), top_k=top_k,
+                               top_p=None if top_p is None else float(top_p))
     return np.asarray(jax.device_get(images))[:len(prompts)]
+
+  def _unconditional(self):
+    return mllm_sequence.unconditional_image_prompt(self.system.ids, self.system.image_slots)
+
+  @functools.partial(jax.jit, static_argnums=(0,))
+  def _image_latents(self, frozen, images):
+    return self.system.image_latents(frozen, images)
+
+  def _edit_prompt(self, instructions: Sequence[str], round_index: int, with_text: bool):
+    """The encoded prompt of round `round_index` (0-based): images as placeholders (their
+    latents come separately), the round's instruction left out unless `with_text`."""
+    blank = np.zeros((self.system.image_slots.image_size,) * 2 + (3,), np.uint8)
+    messages = []
+    for r in range(round_index + 1):
+      text = instructions[r] if (r < round_index or with_text) else ''
+      content = ([{'type': 'image', 'image': blank}] if r == 0 else []) + [
+          {'type': 'text', 'text': text}]
+      messages.append({'role': 'user', 'content': content})
+      if r < round_index:
+        messages.append({'role': 'assistant', 'content': [{'type': 'image', 'image': blank}]})
+    record = {'kind': 'editing', 'meta': {}, 'messages': messages}
+    return mllm_sequence.encode_conversation(record, self.tokenizer, self.system.ids,
+                                             self.system.image_slots,
+                                             generation_prompt='image',
+                                             template=self.chat_template)
+
+  def _edit_batch(self, sequence, latents: jax.Array, images_per_row: int) -> dict:
+    """One prompt as a batch whose images are `latents` (1, P, n, d), without pixels."""
+    batch = mllm_sequence.collate_prompts(self._padded([sequence]), images_per_row)
+    batch = {k: v for k, v in batch.items() if k not in ('images', 'vit_tiles')}
+    padded = np.zeros((len(batch['tokens']), images_per_row) + latents.shape[2:], np.float32)
+    padded[:, :latents.shape[1]] = np.asarray(jax.device_get(latents))
+    return self.place({**batch, 'image_latents': padded})
+
+  def edit_round(self, params, frozen, context: np.ndarray, instructions: Sequence[str], *,
+                 cfg_scale: float = 1.0, temperature: float = 1.0,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Round r = len(context) - 1 of an edit: context (r + 1, n, d) holds the latents of the
+    start image and of rounds 1..r; instructions[:r + 1] are read. Returns the round's image
+    (S, S, 3) in [-1, 1] and its latents (n, d)."""
+    r, images_per_row = len(context) - 1, len(instructions)
+    context = np.asarray(context, np.float32)[None]
+    cond = self._edit_batch(self._edit_prompt(instructions, r, True), context, images_per_row)
+    others = ()
+    if cfg_scale != 1.0:
+      text_uncond = self._edit_batch(self._edit_prompt(instructions, r, False), context,
+                                     images_per_row)
+      blank = self._edit_batch(self._unconditional(), context[:, :0], images_per_row)
+      others = (text_uncond, blank)
+    rendered, state = self._generate(params, frozen, cond, others,
+                                     jax.random.fold_in(jax.random.key(seed), r),
+                                     cfg_scale=float(cfg_scale), temperature=float(temperature),
+                                     top_k=None, top_p=None)
+    latents = self.system.generated_latents(state)
+    return (np.asarray(jax.device_get(rendered))[0],
+            np.asarray(jax.device_get(latents))[0])
+
+  def edit(self, params, frozen, image: np.ndarray, instructions: Sequence[str], *,
+           cfg_scale: float = 1.0, temperature: float = 1.0,
+           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-round in-context editing of one image (module docstring).
+
+    Args:
+      image: (S, S, 3) float in [-1, 1] at the system's image size: encoded once, here.
+      instructions: one per round.
+    Returns:
+      (images (k, S, S, 3) in [-1, 1], latents (k + 1, n, d): the start image's, then each
+      round's).
+    """
+    if not self.system.edits_in_context:
+      raise ValueError(f'{type(self.system).__name__} does not edit in context')
+    if not instructions:
+      raise ValueError('edit needs at least one instruction')
+    pixels = np.asarray(self._padded([np.asarray(image, np.float32)]))[:, None]
+    start = self._image_latents(frozen, self.place({'images': pixels})['images'])
+    latents = [np.asarray(jax.device_get(start))[0, 0]]
+    images = []
+    for _ in instructions:
+      image_r, latents_r = self.edit_round(params, frozen, np.stack(latents), instructions,
+                                           cfg_scale=cfg_scale, temperature=temperature,
+                                           seed=seed)
+      images.append(image_r)
+      latents.append(latents_r)
+    return np.stack(images), np.stack(latents)

@@ -45,16 +45,16 @@ import numpy as np
 import optax
 
 from unimm_jax.convert import hf_checkpoint
-from unimm_jax.data.mllm_sequence import ImageSlots, SpecialIds
+from unimm_jax.data.mllm_sequence import ImageSlots
 from unimm_jax.inference import generation_loop
 from unimm_jax.inference import sampling
-from unimm_jax.inference import tokenizer_run
 from unimm_jax.models import llm
 from unimm_jax.models.depth_transformer import DepthTransformer
 from unimm_jax.nn.dtypes import compute_dtype
 from unimm_jax.nn.mlp import Projector
 from unimm_jax.systems import tokenizers
-from unimm_jax.systems.mllm_interface import Embedded, UnifiedSystem, take_slots
+from unimm_jax.systems.mllm_interface import (Embedded, FrozenTokenizer, UnifiedSystem,
+                                               take_slots)
 
 MODES = ('understanding', 'generation', 'joint')
 
@@ -64,11 +64,12 @@ def _shifted(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
 
 
-class EvoTokMLLM(UnifiedSystem):
+class EvoTokMLLM(FrozenTokenizer, UnifiedSystem):
   """See the module docstring. Config: model (LLM), vq (an EvoTok tokenizer's model config),
   system (name, mode, tokenizer_path), depth_head (width, num_heads, num_layers,
   dropout_rate), tokens (pad, bos, eos, boi, eoi)."""
   codes_in_vocabulary = False
+  tokenizer_name = 'EvoTok tokenizer'
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
@@ -77,13 +78,7 @@ class EvoTokMLLM(UnifiedSystem):
     if config.vq.name != 'evotok':
       raise ValueError(f'config.vq.name={config.vq.name!r}: this system reads an EvoTok '
                        'tokenizer (its semantic decoder and pixel codes)')
-    t = config.tokens
-    self.ids = SpecialIds(pad=t.pad, bos=t.bos, eos=t.eos, boi=t.boi, eoi=t.eoi)
-    self.llm = llm.LLM(llm.config_from_fields(config.model))
-    top = max(t.pad, t.bos, t.eos, t.boi, t.eoi)
-    if top >= self.llm.config.vocab_size:
-      raise ValueError(f'config.model.vocab_size={self.llm.config.vocab_size} cannot hold '
-                       f'the special ids (largest {top}, config.tokens)')
+    self._build_llm_with_markers()
     self.understands = config.system.mode in ('understanding', 'joint')
     self.generates = config.system.mode in ('generation', 'joint')
     data = config.data
@@ -136,30 +131,6 @@ class EvoTokMLLM(UnifiedSystem):
       llm_sources['lm_head'] = hf_checkpoint.RowsAsMean(llm_sources['lm_head'], markers,
                                                         axis=1, upto=min(markers))
     return {**sources, 'llm': llm_sources}
-
-  def _init_vq(self, rng: jax.Array) -> dict:
-    """A random tokenizer's variables (unboxed)."""
-    return tokenizers.random_variables(self.vq, self.config.vq, self.image_slots.image_size,
-                                       rng)
-
-  def frozen_shapes(self) -> dict:
-    return {'vq': jax.eval_shape(self._init_vq, jax.random.key(0))}
-
-  def load_frozen(self) -> dict:
-    path = self.config.system.tokenizer_path
-    if not path:
-      variables = tokenizers.random_frozen(self._init_vq, self.config.seed, 'EvoTok tokenizer')
-    elif path.endswith('.safetensors'):
-      variables = tokenizers.spec(self.config.vq).import_weights(path, self.config.vq)
-    else:
-      variables = tokenizer_run.load_matching_run(path, self.config.vq)
-    expected = self.frozen_shapes()['vq']
-    got_shapes = jax.tree.map(lambda x: x.shape, dict(variables))
-    want_shapes = jax.tree.map(lambda x: x.shape, expected)
-    if got_shapes != want_shapes:
-      raise ValueError(f'{path}: the tokenizer\'s variables do not have the shapes config.vq '
-                       'gives')
-    return {'vq': jax.tree.map(np.asarray, dict(variables))}
 
   # ---- sequences --------------------------------------------------------------------------
 

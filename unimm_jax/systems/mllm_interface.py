@@ -21,11 +21,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from unimm_jax.convert import pretrained
 from unimm_jax.data.mllm_sequence import ImageSlots, SpecialIds
+from unimm_jax.inference import tokenizer_run
 from unimm_jax.models import llm
 from unimm_jax.nn import masks
+from unimm_jax.systems import tokenizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,36 @@ class Embedded:
   embeds: jax.Array
   tokens: jax.Array
   image_targets: jax.Array | None = None
+
+
+class FrozenTokenizer:
+  """Mixin for a unified system whose tokenizer is frozen: `self.vq` (built from
+  config.vq) read from config.system.tokenizer_path (a tokenizer workdir, the authors' state
+  dict .safetensors, or '' = random variables for plumbing tests, with a warning) as the
+  frozen network 'vq'. `tokenizer_name` names it in that warning."""
+  tokenizer_name = 'tokenizer'
+
+  def _init_vq(self, rng: jax.Array) -> dict:
+    """A random tokenizer's variables (unboxed)."""
+    return tokenizers.random_variables(self.vq, self.config.vq, self.image_slots.image_size,
+                                       rng)
+
+  def frozen_shapes(self) -> dict:
+    return {'vq': jax.eval_shape(self._init_vq, jax.random.key(0))}
+
+  def load_frozen(self) -> dict:
+    path, vq_config = self.config.system.tokenizer_path, self.config.vq
+    if not path:
+      variables = tokenizers.random_frozen(self._init_vq, self.config.seed, self.tokenizer_name)
+    elif path.endswith('.safetensors'):
+      variables = tokenizers.spec(vq_config).import_weights(path, vq_config)
+    else:
+      variables = tokenizer_run.load_matching_run(path, vq_config)
+    expected = jax.tree.map(lambda x: x.shape, self.frozen_shapes()['vq'])
+    if jax.tree.map(lambda x: x.shape, dict(variables)) != expected:
+      raise ValueError(f'{path}: the tokenizer\'s variables do not have the shapes config.vq '
+                       'gives')
+    return {'vq': jax.tree.map(np.asarray, dict(variables))}
 
 
 def take_slots(values: jax.Array, index: jax.Array) -> jax.Array:
@@ -65,6 +98,18 @@ class UnifiedSystem(abc.ABC):
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+
+  def _build_llm_with_markers(self) -> None:
+    """self.ids from config.tokens (pad, bos, eos, and the image markers boi, eoi that the
+    LM head writes) and self.llm from config.model, every special id inside its vocabulary
+    (systems whose image tokens are not vocabulary ids: EvoTok, Ming-UniVision)."""
+    t = self.config.tokens
+    self.ids = SpecialIds(pad=t.pad, bos=t.bos, eos=t.eos, boi=t.boi, eoi=t.eoi)
+    self.llm = llm.LLM(llm.config_from_fields(self.config.model))
+    top = max(t.pad, t.bos, t.eos, t.boi, t.eoi)
+    if top >= self.llm.config.vocab_size:
+      raise ValueError(f'config.model.vocab_size={self.llm.config.vocab_size} cannot hold '
+                       f'the special ids (largest {top}, config.tokens)')
 
   @abc.abstractmethod
   def init_params(self, rng: jax.Array) -> dict:
@@ -126,3 +171,17 @@ class UnifiedSystem(abc.ABC):
   @abc.abstractmethod
   def render(self, params: dict, frozen: dict, outputs: jax.Array, state: Any) -> jax.Array:
     """Generated outputs (b, n) and the final step state -> images (b, H, W, 3) in [-1, 1]."""
+
+  # In-context editing (`inference.mllm_inference.MLLMRunner.edit`): a system whose images
+  # live in its context as latents sets `edits_in_context` and gives the two methods below;
+  # `embed` then reads batch['image_latents'] (b, P, n, d) in place of batch['images'], so
+  # a generated image goes back into the context without a pixel round trip.
+  edits_in_context: bool = False
+
+  def image_latents(self, frozen: dict, images: jax.Array) -> jax.Array:
+    """images (b, P, H, W, 3) -> the latents their slots are built from (b, P, n, d)."""
+    raise NotImplementedError(f'{type(self).__name__} does not edit in context')
+
+  def generated_latents(self, state: Any) -> jax.Array:
+    """The final `image_step` state -> the generated image's latents (b, n, d)."""
+    raise NotImplementedError(f'{type(self).__name__} does not edit in context')

@@ -26,6 +26,7 @@ import optax
 
 from unimm_jax.data import mllm_data
 from unimm_jax.data import text_tokenizer
+from unimm_jax.models import llm
 from unimm_jax.systems import unified_systems
 from unimm_jax.train import optimizers
 from unimm_jax.train.tasks import mllm_eval
@@ -45,7 +46,7 @@ class MLLMTask:
   """Trains `unified_systems.build(config)` on `config.data` (unimm_jax/data/mllm_data.py)."""
   throughput_unit = "tokens"
   kind = "a unified multimodal model"
-  modes = ("train", "eval", "chat", "generate", "plan")
+  modes = ("train", "eval", "chat", "generate", "edit", "plan")
   generate_flags = ("output", "num_images", "cfg_scale", "temperature", "top_k", "top_p")
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -142,10 +143,20 @@ class MLLMTask:
     embed_rng, dropout_rng, head_rng = jax.random.split(rng, 3)
     embedded = system.embed(params, frozen, batch, train=train, rng=embed_rng)
     rngs = {"dropout": dropout_rng} if train and system.llm.config.dropout_rate else {}
+    moe = system.llm.config.num_experts > 0
+    # An MoE with several routers (Bailing's multi_gate) routes image slots through the
+    # image router (gate id 1), text through the text router (0).
+    image_slot = (batch["discrete_index"] >= 0) | (batch["continuous_index"] >= 0)
+    gate_ids = image_slot.astype(jnp.int32) if system.llm.config.num_routers > 1 else None
     hidden = system.llm.apply({"params": params["llm"]}, inputs_embeds=embedded.embeds,
                               positions=batch["positions"], segment_ids=batch["segment_ids"],
-                              mask=system.attention(batch), rngs=rngs,
+                              mask=system.attention(batch), rngs=rngs, gate_ids=gate_ids,
+                              mutable=["intermediates"] if moe else False,
                               method=system.llm.hidden_states)
+    moe_stats = {}
+    if moe:
+      hidden, sown = hidden
+      moe_stats = llm.moe_stats(sown)
     logits = system.llm.apply({"params": params["llm"]}, hidden, method=system.llm.logits)
     targets = shifted_targets(embedded.tokens)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -161,6 +172,8 @@ class MLLMTask:
     generation = system.generation_losses(params, hidden, batch, embedded, head_rng,
                                           train=train)
     terms.update(generation)
+    if moe:  # the load-balance term of the experts (unimm_jax/nn/moe.py)
+      terms["router_aux"] = moe_stats["router_aux_loss"]
     stats = {"ce_sum": jnp.sum(ce * mask), "correct_sum": jnp.sum(correct * mask),
              "tokens": jnp.sum(mask), "image_ce_sum": jnp.sum(ce * image),
              "image_tokens": jnp.sum(image),
@@ -214,3 +227,10 @@ class MLLMTask:
       raise ValueError("--mode=generate of an MLLM writes PNGs: pass --output=FOLDER")
     return mllm_eval.generate_to_folder(self, context, workdir, prompt, output=output,
                                         seed=self.config.seed, **options)
+
+  def edit(self, context, workdir: str, image_path: str, instructions: list[str], *,
+           output: str | None, **options) -> str:
+    if not output:
+      raise ValueError("--mode=edit writes every round's image: pass --output=FOLDER")
+    return mllm_eval.edit_to_folder(self, context, workdir, image_path, instructions,
+                                    output=output, seed=self.config.seed, **options)

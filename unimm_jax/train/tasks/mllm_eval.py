@@ -8,7 +8,7 @@ and generation checks (the built-in scenes, `unimm_jax.data.scenes`), also
   generation check the rate of generated images that satisfy their prompt
                    (`unimm_jax.evals.scene_checks.check_generated_image`);
 and a grid of generated images (TensorBoard and WORKDIR/generations/step_*.png).
-`--mode=chat` and `--mode=generate` restore only the eval params.
+`--mode=chat`, `--mode=generate` and `--mode=edit` restore only the eval params.
 """
 import json
 import os
@@ -17,6 +17,8 @@ import jax
 import numpy as np
 
 from unimm_jax.data import mllm_data
+from unimm_jax.data import mllm_sequence
+from unimm_jax.data import transforms
 from unimm_jax.evals import scene_checks
 from unimm_jax.inference import image_io
 from unimm_jax.inference import mllm_inference
@@ -199,3 +201,30 @@ def generate_to_folder(task, context, workdir: str, prompt: str, *, output: str,
   for i, image in enumerate(images):
     image_io.save_png(os.path.join(output, f"image_{i:03d}.png"), image_io.to_uint8(image))
   return f"wrote {len(images)} images for {prompt!r} to {output}"
+
+
+def edit_to_folder(task, context, workdir: str, image_path: str, instructions: list[str], *,
+                   output: str, cfg_scale: float | None = None,
+                   temperature: float | None = None, seed: int = 0) -> str:
+  """`--mode=edit`: the image at `image_path` edited by each instruction in turn, every
+  round's image kept in context as latents; writes round_1.png, ... (and the input as the
+  model sees it, round_0.png) in `output`."""
+  gen = task.config.generation
+  _, params = _restore(task, context, workdir)
+  size = task.system.image_slots.image_size
+  image = mllm_sequence.load_image({"path": os.path.abspath(image_path)})
+  if isinstance(image, transforms.Unreadable):
+    raise ValueError(f"--image={image_path} cannot be read: {image.reason}")
+  pixels = transforms.normalize(transforms.crop_or_resize(image, size, "center_crop", None))
+  runner = mllm_inference.MLLMRunner.on_mesh(task.system, task.tokenizer, context,
+                                             chat_template=task.config.data.chat_template)
+  with context.activate():
+    images, _ = runner.edit(params, _frozen(task, context), pixels, instructions,
+                            cfg_scale=gen.cfg_scale if cfg_scale is None else cfg_scale,
+                            temperature=gen.temperature if temperature is None else temperature,
+                            seed=seed)
+  os.makedirs(output, exist_ok=True)
+  image_io.save_png(os.path.join(output, "round_0.png"), image_io.to_uint8(pixels))
+  for i, image in enumerate(images, start=1):
+    image_io.save_png(os.path.join(output, f"round_{i}.png"), image_io.to_uint8(image))
+  return f"wrote {len(images)} edited rounds of {image_path} to {output}"
