@@ -54,14 +54,9 @@ from unimm_jax.nn.dtypes import compute_dtype
 from unimm_jax.nn.mlp import Projector
 from unimm_jax.systems import tokenizers
 from unimm_jax.systems.mllm_interface import (Embedded, FrozenTokenizer, UnifiedSystem,
-                                               take_slots)
+                                               shift_left, slot_predictors, take_slots)
 
 MODES = ('understanding', 'generation', 'joint')
-
-
-def _shifted(x: jax.Array) -> jax.Array:
-  """(b, L, ...) -> (b, L, ...): row t holds t + 1 (the last row repeats)."""
-  return jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
 
 
 class EvoTokMLLM(FrozenTokenizer, UnifiedSystem):
@@ -180,13 +175,10 @@ class EvoTokMLLM(FrozenTokenizer, UnifiedSystem):
     image tokens only."""
     if not self.generates or embedded.image_targets is None:
       return {}
-    predicts = (_shifted(batch['discrete_index']) >= 0) & (batch['loss_mask'] > 0)
-    most = batch['images'].shape[1] * self.image_slots.codes_per_image
-    # Those positions first, in order (a stable sort of 0 = predicts before 1 = not).
-    order = jnp.argsort((~predicts).astype(jnp.int32), axis=1, stable=True)[:, :most]
-    valid = jnp.take_along_axis(predicts, order, axis=1).astype(jnp.float32)
+    order, valid = slot_predictors(batch,
+                                   batch['images'].shape[1] * self.image_slots.codes_per_image)
     gather = lambda x: jax.vmap(lambda v, i: v[i])(x, order)
-    targets = jax.tree.map(lambda x: gather(_shifted(x)), embedded.image_targets)
+    targets = jax.tree.map(lambda x: gather(shift_left(x)), embedded.image_targets)
     rngs = {'dropout': rng} if train and rng is not None else {}
     logits = self.depth_head.apply({'params': params['depth_head']}, gather(hidden),
                                    targets['code_embeds'], deterministic=not rngs, rngs=rngs)

@@ -40,15 +40,10 @@ from unimm_jax.models import mingtok
 from unimm_jax.nn.mlp import Projector
 from unimm_jax.systems import tokenizers
 from unimm_jax.systems.mllm_interface import (Embedded, FrozenTokenizer, UnifiedSystem,
-                                               take_slots)
+                                               shift_left, slot_predictors, take_slots)
 
 # The flow loss's key when the task passes none (evaluation): fixed, so eval losses repeat.
 _EVAL_NOISE_SEED = 4321
-
-
-def _shifted(x: jax.Array) -> jax.Array:
-  """(b, L, ...) -> (b, L, ...): row t holds t + 1 (the last row repeats)."""
-  return jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
 
 
 def flow_head_config(config: ml_collections.ConfigDict) -> flow_head.FlowHeadConfig:
@@ -138,13 +133,10 @@ class MingUniVision(FrozenTokenizer, UnifiedSystem):
     del train
     if embedded.image_targets is None:
       return {}
-    predicts = (_shifted(batch['discrete_index']) >= 0) & (batch['loss_mask'] > 0)
     images = batch['image_latents' if 'image_latents' in batch else 'images'].shape[1]
-    most = images * self.image_slots.codes_per_image
-    order = jnp.argsort((~predicts).astype(jnp.int32), axis=1, stable=True)[:, :most]
-    valid = jnp.take_along_axis(predicts, order, axis=1).astype(jnp.float32)
+    order, valid = slot_predictors(batch, images * self.image_slots.codes_per_image)
     gather = lambda x: jax.vmap(lambda v, i: v[i])(x, order)
-    targets = gather(_shifted(embedded.image_targets))
+    targets = gather(shift_left(embedded.image_targets))
     rng = jax.random.key(_EVAL_NOISE_SEED) if rng is None else rng
     loss = self.head.apply({'params': params['flow_head']}, targets, gather(hidden), valid,
                            method=flow_head.FlowHead.loss, rngs={'noise': rng})

@@ -78,6 +78,21 @@ class FrozenTokenizer:
     return {'vq': jax.tree.map(np.asarray, dict(variables))}
 
 
+def shift_left(x: jax.Array) -> jax.Array:
+  """(b, L, ...) -> (b, L, ...): row t holds row t + 1 (the last row repeats)."""
+  return jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
+
+
+def slot_predictors(batch: dict, most: int) -> tuple[jax.Array, jax.Array]:
+  """The supervised positions whose next token is a generation slot, where a generation
+  head reads the hidden state: (order (b, most) int, those positions first and in order
+  (a stable sort), valid (b, most) float32, 1 on them). `most` bounds them per row (the
+  row's images times the slots per image), so a head runs on those positions only."""
+  predicts = (shift_left(batch['discrete_index']) >= 0) & (batch['loss_mask'] > 0)
+  order = jnp.argsort((~predicts).astype(jnp.int32), axis=1, stable=True)[:, :most]
+  return order, jnp.take_along_axis(predicts, order, axis=1).astype(jnp.float32)
+
+
 def take_slots(values: jax.Array, index: jax.Array) -> jax.Array:
   """values (b, n, ...) gathered at a batch's slot index (b, L) -> (b, L, ...); negative
   indices (no slot) read row 0, which the caller masks out."""
