@@ -21,11 +21,16 @@ from conftest import (_saved_state_arrays, assert_same_saved_state, read_metrics
                       train_steps_in_process)
 from unimm_jax import config_defaults
 from unimm_jax.convert import mingtok_weights
+from unimm_jax.data import pipeline
 from unimm_jax.inference import image_codec
-from unimm_jax.inference.tokenizer_run import load_tokenizer_run
+from unimm_jax.inference import restore
+from unimm_jax.inference.tokenizer_run import load_matching_run, load_tokenizer_run
 from unimm_jax.losses import distillation
 from unimm_jax.models import mingtok
+from unimm_jax.parallel import mesh as mesh_lib
+from unimm_jax.parallel.context import MeshContext
 from unimm_jax.train import from_checkpoint
+from unimm_jax.train import tasks
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 STATE_DICT = os.path.join(FIXTURES, "mingtok_tiny_state_dict.safetensors")
@@ -235,6 +240,31 @@ def test_encode_writes_normalised_latents_and_decode_renders_them(mingtok_run, t
   decoded = np.asarray(Image.open(tmp_path / "out" / "0.png"))
   rendered = jax.jit(image_codec.decode(model, continuous=True))(variables, latents[None])[0]
   np.testing.assert_allclose(decoded, np.round((np.asarray(rendered) + 1) * 127.5), atol=1)
+
+
+@pytest.mark.e2e
+def test_eval_reports_the_constants_that_normalise_the_latents(mingtok_run):
+  """--mode=eval's latent_normalization makes the eval images' latents zero-mean and
+  unit-std; a unified system's config.vq may carry those constants (and no other change)."""
+  workdir = str(mingtok_run[0])
+  config = restore.saved_config(workdir)
+  context = MeshContext(mesh_lib.make_mesh(config.mesh), config_defaults.sharding_rules(config))
+  results = tasks.build_task(config).evaluate_checkpoint(context, workdir)
+  constants = results["latent_normalization"]
+  model, variables, _ = load_tokenizer_run(workdir)
+  renormalised = config.model.copy_and_resolve_references()
+  renormalised.update(constants)
+  images = np.concatenate(list(pipeline.iter_eval_batches(
+      config.data, config.eval.num_images, config.eval.batch_size)))
+  latents = np.asarray(mingtok.MingTok(renormalised).apply(variables, images, method="encode")
+                       .latents, np.float64)
+  assert abs(latents.mean()) < 1e-4 and abs(latents.std() - 1.0) < 1e-4
+  raw = np.asarray(model.apply(variables, images, method="encode").latents)
+  np.testing.assert_allclose(raw.mean(), results["latent_mean"], atol=1e-4)
+  load_matching_run(workdir, renormalised)
+  renormalised.latent_dim += 1
+  with pytest.raises(ValueError, match="latent_dim"):
+    load_matching_run(workdir, renormalised)
 
 
 @pytest.mark.e2e

@@ -38,12 +38,14 @@ def load_tokenizer_run(workdir: str, context: MeshContext | None = None):
 
 def load_matching_run(workdir: str, model_config: ml_collections.ConfigDict) -> dict:
   """The variables of `workdir`'s tokenizer, which must have been trained with
-  `model_config` (a unified system's config.vq): a differing field is named."""
+  `model_config` (a unified system's config.vq): a differing field is named. The latent
+  normalisation constants (`TokenizerSpec.normalized_latents`) may differ."""
   _, variables, saved = load_tokenizer_run(workdir)
   # JSON form: a restored config holds lists where the config file wrote tuples.
   saved_fields, wanted = (json.loads(c.to_json()) for c in (saved.model, model_config))
+  free = tokenizers.spec(model_config).latent_normalization_fields
   diff = sorted(k for k in set(saved_fields) | set(wanted)
-                if saved_fields.get(k) != wanted.get(k))
+                if saved_fields.get(k) != wanted.get(k) and k not in free)
   if diff:
     raise ValueError(f'the tokenizer run {workdir} has a different model config than '
                      f'config.vq (fields {diff})')

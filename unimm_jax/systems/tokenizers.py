@@ -39,6 +39,12 @@ class TokenizerSpec:
   initial_weights: config.model -> the pretrained sources a fresh run starts some params
     from (`unimm_jax.train.initial_weights`: a partial params tree of LazyArrays), from
     checkpoint paths in config.model, or None.
+  normalized_latents: a continuous tokenizer whose latents are (z - config.model.latent_mean)
+    / config.model.latent_scale, decode undoing it first: the two constants rescale the
+    latents without changing what the tokenizer computes, so a unified system's config.vq
+    may set them apart from its tokenizer run's (a generation head then works on unit-scale
+    latents), and `--mode=eval` reports the constants that give the eval images' latents
+    zero mean and unit std.
   """
   build: Callable[[ModelConfig], nn.Module]
   downsample_factor: Callable[[ModelConfig], int]
@@ -47,6 +53,11 @@ class TokenizerSpec:
   import_weights: Callable[[str, ModelConfig], Any] | None = None
   trajectory_levels: Callable[[ModelConfig], int] | None = None
   initial_weights: Callable[[ModelConfig], dict | None] | None = None
+  normalized_latents: bool = False
+
+  @property
+  def latent_normalization_fields(self) -> tuple[str, ...]:
+    return ("latent_mean", "latent_scale") if self.normalized_latents else ()
 
 
 TOKENIZERS: dict[str, TokenizerSpec] = {
@@ -68,7 +79,7 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
     "mingtok": TokenizerSpec(build=mingtok.build, downsample_factor=mingtok.downsample_factor,
                              code_layout=mingtok.code_layout,
                              training_modules=mingtok.training_modules,
-                             import_weights=mingtok.import_weights),
+                             import_weights=mingtok.import_weights, normalized_latents=True),
 }
 
 

@@ -13,6 +13,11 @@ trajectory: for every depth d = 1..L, the same metrics of the reconstruction fro
 d levels and, when a training-only module aligns a feature with a teacher, the mean cosine
 of that feature to the teacher's (EvoTok's Fig. 5b). They are `trajectory` in the JSON
 (one entry per depth) and a plot, WORKDIR/eval_STEP_trajectory.png.
+
+A tokenizer with normalised latents (its spec's `normalized_latents`) also reports the mean
+and std of the eval images' latents ('latent_mean', 'latent_std', over every value) and
+'latent_normalization': the config.model.latent_mean / latent_scale that would make them
+zero-mean and unit-std, printed as the overrides a unified system's config.vq takes.
 """
 import json
 import os
@@ -93,6 +98,9 @@ def evaluate(task, context, workdir: str, writer) -> dict:
       lpips_distance=lpips_distance, inception_features=inception_features,
       zero_shot=zero_shot_eval)
   results["step"] = step
+  if task.spec.normalized_latents:
+    results.update(_latent_statistics(
+        task, context.on_mesh(lambda x: model.apply(variables, x, method="encode").latents)))
   if task.spec.trajectory_levels and task.spec.trajectory_levels(config.model):
     results["trajectory"] = _trajectory(
         task, context, variables, lpips_distance=lpips_distance,
@@ -107,6 +115,25 @@ def evaluate(task, context, workdir: str, writer) -> dict:
   summary = ", ".join(f"{k} {results[k]:.4f}" for k in _SUMMARY if k in results)
   print(f"eval of step {step} on {results['num_images']} images: {summary}")
   return results
+
+
+def _latent_statistics(task, encode) -> dict:
+  """Mean and std of the normalised latents of the eval images (`encode`: images -> (b, h,
+  w, d)), and the normalisation constants that would make them 0 and 1."""
+  config = task.config
+  total = total_sq = count = 0.0
+  for images in pipeline.iter_eval_batches(config.data, config.eval.num_images,
+                                           config.eval.batch_size):
+    latents = np.asarray(jax.device_get(encode(images)), np.float64)
+    total, total_sq, count = total + latents.sum(), total_sq + (latents ** 2).sum(), \
+        count + latents.size
+  mean = total / count
+  std = float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
+  scale, offset = config.model.latent_scale, config.model.latent_mean
+  constants = {"latent_mean": float(offset + scale * mean), "latent_scale": float(scale * std)}
+  print("latents normalised to zero mean and unit std over the eval images: "
+        + " ".join(f"--config.vq.{k}={v:.8g}" for k, v in constants.items()))
+  return {"latent_mean": float(mean), "latent_std": std, "latent_normalization": constants}
 
 
 def _trajectory(task, context, variables, **metric_fns) -> list[dict]:
