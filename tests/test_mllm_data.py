@@ -362,6 +362,68 @@ def test_train_resume_and_host_slicing():
   assert (kinds == 7).any() and (kinds == 3).any()  # both kinds ('Draw.', 'What?') mixed
 
 
+def test_unconditional_sequence_is_the_guidance_streams_view():
+  """A text-to-image sequence from [BOI] on, [BOI] unsupervised: its prefix is what the
+  unconditional stream is given at sampling; a sequence with an image before the
+  generated one has no such view."""
+  seq = _encode(_generation(_image(8, 8)))
+  uncond = mllm_sequence.unconditional_sequence(seq, IDS)
+  start = seq.tokens.tolist().index(IDS.boi)
+  assert uncond.tokens.tolist() == seq.tokens.tolist()[start:]
+  assert uncond.tokens[:1].tolist() == mllm_sequence.unconditional_image_prompt(IDS).tokens.tolist()
+  assert uncond.supervised.tolist() == [False] + seq.supervised.tolist()[start + 1:]
+  assert uncond.discrete_slot.tolist() == seq.discrete_slot.tolist()[start:]
+  np.testing.assert_array_equal(uncond.images, seq.images)
+  assert uncond.meta['unconditional'] and uncond.meta['kind'] == 'generation'
+  assert mllm_sequence.unconditional_sequence(_encode(_understanding(_image(6, 24))), IDS) is None
+
+
+def test_cfg_dropout_drops_prompts_at_its_rate_and_replays():
+  """With cfg_dropout p, about p of the generation records train as the unconditional
+  stream, every other record is encoded as without dropout, and the stream is a function
+  of the seed (a rebuilt pipeline gives the same rows)."""
+  sources = _sources()
+  build = lambda p: mllm_data.build_mllm_train_dataset(  # pylint: disable=unnecessary-lambda-assignment
+      _config(cfg_dropout=p), WordTokenizer(), IDS, SLOTS, sources=sources, batch_size=4)
+  rows = _batches(iter(build(0.5)), 12)
+  again = _batches(iter(build(0.5)), 12)
+  for one, two in zip(rows, again):
+    np.testing.assert_array_equal(one['tokens'], two['tokens'])
+  plain = _batches(iter(build(0.0)), 12)
+  tokens = np.concatenate([b['tokens'] for b in rows])
+  segments = np.concatenate([b['segment_ids'] for b in rows])
+  starts = [(r, c) for r in range(len(tokens)) for c in range(tokens.shape[1])
+            if segments[r, c] and (c == 0 or segments[r, c - 1] != segments[r, c])]
+  first = [int(tokens[r, c]) for r, c in starts]
+  dropped, prompted = first.count(IDS.boi), first.count(IDS.bos)
+  generation = sum(1 for r, c in starts if tokens[r, c] == IDS.boi or
+                   (tokens[r, c] == IDS.bos and tokens[r, c + 2] == 7))  # 'Draw.'
+  assert 0 < dropped < generation and prompted > 0
+  plain_tokens = np.concatenate([b['tokens'] for b in plain])
+  assert not (plain_tokens[:, 0] == IDS.boi).any()
+  with pytest.raises(ValueError, match='cfg_dropout'):
+    validate_mllm_data_config(_config(cfg_dropout=1.0))
+
+
+def test_cfg_dropout_empties_edit_instructions_one_by_one():
+  record = {'kind': 'editing', 'meta': {},
+            'messages': [{'role': 'user', 'content': [{'type': 'image', 'image': _image(8, 8)},
+                                                      {'type': 'text', 'text': 'red'}]},
+                         {'role': 'assistant', 'content': [{'type': 'image',
+                                                            'image': _image(8, 8, 1)}]},
+                         {'role': 'user', 'content': [{'type': 'text', 'text': 'blue'}]},
+                         {'role': 'assistant', 'content': [{'type': 'image',
+                                                            'image': _image(8, 8, 2)}]}]}
+  encode = mllm_data._EncodeDroppingConditions(WordTokenizer(), IDS, SLOTS, 'plain', 0.5)  # pylint: disable=protected-access
+  seen = set()
+  for seed in range(40):
+    seq = encode(record, np.random.default_rng(seed))
+    words = seq.tokens.tolist()
+    seen.add((4 in words, 8 in words))  # 'red', 'blue'
+    assert seq.num_images == 3
+  assert seen == {(True, True), (True, False), (False, True), (False, False)}
+
+
 def test_mixture_is_exact_per_block_and_seeded():
   import grain  # pylint: disable=import-outside-toplevel
   parents = [grain.MapDataset.source(['u']).repeat(None), grain.MapDataset.source(['g']).repeat(None)]

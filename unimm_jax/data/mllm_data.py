@@ -18,7 +18,8 @@ Train stream (`build_mllm_train_dataset`), the same on every host:
     per kind: shuffled_shard(source, seed_k)            infinite, reshuffled every epoch
     _KindMixture(weights, seed)                         blocks of 1000 records holding each
                                                         kind in proportion, shuffled
-    .map(_EncodeRecord)                                 EncodedSequence | Unreadable
+    .map(_EncodeRecord)                                 EncodedSequence | Unreadable (with
+                                                        cfg_dropout: prompts dropped at random)
     lane r of B = global batch: records r, r + B, ...   (_ProcessSlice with one row per lane)
     PackedIterDataset(MultimodalRows)                   the lane's rows, never cutting one
     _LaneBatch over this host's lanes                   rows [h b, (h + 1) b) of each batch
@@ -192,6 +193,39 @@ class _EncodeRecord:
                                              template=self.template)
 
 
+class _EncodeDroppingConditions(_EncodeRecord):
+  """`_EncodeRecord` that also drops conditions for classifier-free guidance, each with
+  probability `p` from the element's own rng (grain's random_map: a function of the seed
+  and the stream position, so resuming replays it): a text-to-image record becomes the
+  unconditional sequence ([BOI] and its image, `mllm_sequence.unconditional_sequence`, what
+  the unconditional stream reads at sampling), and each instruction of an editing record is
+  emptied on its own (the text-unconditional stream: the images kept, the round's
+  instruction ''). Other records pass unchanged."""
+
+  def __init__(self, tokenizer, ids: SpecialIds, slots: ImageSlots, template: str, p: float):
+    super().__init__(tokenizer, ids, slots, template)
+    self.p = p
+
+  def __call__(self, record, rng: np.random.Generator):
+    if isinstance(record, Unreadable):
+      return record
+    if record['kind'] == 'editing':
+      record = {**record, 'messages': [_without_text(m) if m['role'] == 'user' and
+                                       rng.random() < self.p else m
+                                       for m in record['messages']]}
+    seq = super().__call__(record)
+    if (record['kind'] == 'generation' and not isinstance(seq, Unreadable)
+        and rng.random() < self.p):
+      return mllm_sequence.unconditional_sequence(seq, self.ids) or seq
+    return seq
+
+
+def _without_text(message: dict) -> dict:
+  """The message with every text item emptied (its images kept)."""
+  return {**message, 'content': [{**item, 'text': ''} if item['type'] == 'text' else item
+                                 for item in message['content']]}
+
+
 class _KindMixture(grain.MapDataset):
   """An infinite stream mixing `parents` (infinite MapDatasets) by `weights`.
 
@@ -336,11 +370,18 @@ def build_mllm_train_dataset(data_config: ml_collections.ConfigDict, tokenizer,
     raise ValueError(f'sources has kinds {sorted(sources)}, the weights of data_config give '
                      f'{sorted(weights)}')
   sources = {kind: sources[kind] for kind in weights}
-  seeds = np.random.SeedSequence(data_config.shuffle_seed).generate_state(1 + len(sources))
+  # The mixture's, each kind's shuffle's and the condition dropout's (last: the others stay
+  # those of runs before it).
+  seeds = np.random.SeedSequence(data_config.shuffle_seed).generate_state(2 + len(sources))
   parents = [shuffled_shard(source, seed=int(seed), unit='records')
-             for source, seed in zip(sources.values(), seeds[1:])]
+             for source, seed in zip(sources.values(), seeds[1:-1])]
   stream = _KindMixture(parents, list(weights.values()), int(seeds[0]))
-  stream = stream.map(_EncodeRecord(tokenizer, ids, slots, data_config.chat_template))
+  dropout = data_config.get('cfg_dropout', 0.0)  # configs saved before the field: none
+  if dropout > 0:
+    stream = stream.random_map(_EncodeDroppingConditions(
+        tokenizer, ids, slots, data_config.chat_template, dropout), seed=int(seeds[-1]))
+  else:
+    stream = stream.map(_EncodeRecord(tokenizer, ids, slots, data_config.chat_template))
   layout = MultimodalRows(data_config.seq_len, data_config.images_per_row, slots, ids.pad)
   limit = max_consecutive_skips(range(sum(len(s) for s in sources.values())))  # by length
   global_batch = batch_size * shard_count

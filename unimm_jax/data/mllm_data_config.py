@@ -27,6 +27,10 @@
     max_edits             3         scenes: rounds of an editing example, 1 to max_edits
                                     (scene_edits.SceneEdits; images_per_row must hold
                                     max_edits + 1 images when editing_weight > 0)
+    cfg_dropout           0.0       classifier-free guidance training: the probability that
+                                    a text-to-image record trains as the unconditional
+                                    stream ([BOI] and its image) and that an editing
+                                    instruction is emptied (mllm_data._EncodeDroppingConditions)
     num_workers           0         grain worker processes; 0 reads in the main process
     worker_buffer_size    2         batches each worker prepares ahead
 
@@ -51,6 +55,10 @@ _MAX_QUESTIONS_PER_IMAGE = 6  # len(scene_conversations.QUESTION_TYPES)
 _SCENE_SPLIT_SIZES = {'num_train_examples': 1_000_000, 'num_eval_examples': 10_000}
 
 
+# Fields newer than some saved run configs: absent means their default.
+_ADDED_LATER = {'cfg_dropout'}
+
+
 def default_mllm_data_config() -> ml_collections.ConfigDict:
   """A fresh MLLM `data` ConfigDict with every field at its default (module docstring)."""
   return ml_collections.ConfigDict({
@@ -72,6 +80,7 @@ def default_mllm_data_config() -> ml_collections.ConfigDict:
       'scene_seed': 0,
       'questions_per_image': 1,
       'max_edits': 3,
+      'cfg_dropout': 0.0,
       'num_workers': 0,
       'worker_buffer_size': 2,
   })
@@ -83,7 +92,7 @@ def _is_int(value) -> bool:
 
 def validate_mllm_data_config(data_config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first missing or invalid field of `data_config`."""
-  missing = sorted(set(default_mllm_data_config()) - set(data_config))
+  missing = sorted(set(default_mllm_data_config()) - set(data_config) - _ADDED_LATER)
   if missing:
     raise ValueError(f'data_config is missing field(s) {missing}')
   if data_config.source not in MLLM_SOURCES:
@@ -97,6 +106,9 @@ def validate_mllm_data_config(data_config: ml_collections.ConfigDict) -> None:
     value = data_config[field]
     if not _is_int(value) or value < minimum:
       raise ValueError(f'data_config.{field} must be an int >= {minimum}, got {value!r}')
+  dropout = data_config.get('cfg_dropout', 0.0)
+  if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+    raise ValueError(f'data_config.cfg_dropout must be a probability in [0, 1), got {dropout!r}')
   if data_config.chat_template not in CHAT_TEMPLATES:
     raise ValueError(f'data_config.chat_template must be one of {CHAT_TEMPLATES}, got '
                      f'{data_config.chat_template!r}')

@@ -442,6 +442,25 @@ def unconditional_image_prompt(ids: SpecialIds, slots: ImageSlots | None = None
   return _finish(out, [], [], slots, {'kind': 'generation', 'image_wh': []})
 
 
+def unconditional_sequence(seq: EncodedSequence, ids: SpecialIds) -> EncodedSequence | None:
+  """A text-to-image sequence as the unconditional guidance stream sees it: its image from
+  [BOI] on (the prompt dropped, [BOI] unsupervised, as `unconditional_image_prompt`), for
+  classifier-free-guidance training. None when `seq` is not one image generated from text
+  alone (an image before the generated one, or none)."""
+  boi = np.flatnonzero((seq.tokens == ids.boi) & seq.supervised)
+  if len(boi) == 0 or seq.num_images != 1:
+    return None
+  start = int(boi[0])
+  if (seq.continuous_slot[:start] >= 0).any() or (seq.discrete_slot[:start] >= 0).any():
+    return None
+  supervised = seq.supervised[start:].copy()
+  supervised[0] = False
+  return dataclasses.replace(seq, tokens=seq.tokens[start:], supervised=supervised,
+                             discrete_slot=seq.discrete_slot[start:],
+                             continuous_slot=seq.continuous_slot[start:],
+                             meta={**seq.meta, 'unconditional': True})
+
+
 def collate_prompts(seqs: Sequence[EncodedSequence], images_per_row: int, *,
                     pad_id: int = 0) -> dict[str, np.ndarray]:
   """Prompts as one LEFT-padded batch (one segment per row), for generation.
