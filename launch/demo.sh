@@ -11,6 +11,11 @@
 #     The same on EvoTok: a 32 px EvoTok tokenizer (configs/evotok.py:scenes) on the scenes,
 #     then one EvoTok MLLM (configs/evotok_mllm.py:demo) that reads the semantic decoder's
 #     features and writes images with its depth-transformer head.
+#   bash launch/demo.sh ming_univision [WORKDIR] [extra --config.* overrides for the MLLM]
+#     Ming-UniVision on the scenes: a 32 px MingTok (configs/mingtok.py:scenes), its latents'
+#     normalisation measured by --mode=eval, then the MLLM (configs/ming_univision.py:demo)
+#     that answers, draws with its per-token flow head and edits in context; ends with a
+#     two-round edit of a held-out scene (--mode=edit).
 #   bash launch/demo.sh uniwetok [WORKDIR] [extra --config.* overrides]
 #     The UniWeTok tokenizer demo (about 10 minutes): trains on scikit-image's photos, prints
 #     held-out PSNR at the start and end, then encodes and decodes the held-out photos.
@@ -21,7 +26,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 DEMO="unified"
-if [[ "${1:-}" =~ ^(uniwetok|mingtok|unified|evotok)$ ]]; then
+if [[ "${1:-}" =~ ^(uniwetok|mingtok|unified|evotok|ming_univision)$ ]]; then
   DEMO="$1"
   shift
 fi
@@ -45,9 +50,13 @@ if [[ "$DEMO" == "uniwetok" || "$DEMO" == "mingtok" ]]; then
   exit 0
 fi
 
+NORMALIZATION=()
 if [[ "$DEMO" == "evotok" ]]; then
   WORKDIR="${1:-$REPO/workdir_demo_evotok}"
   TOKENIZER_CONFIG="configs/evotok.py:scenes" MLLM_CONFIG="configs/evotok_mllm.py:demo"
+elif [[ "$DEMO" == "ming_univision" ]]; then
+  WORKDIR="${1:-$REPO/workdir_demo_ming_univision}"
+  TOKENIZER_CONFIG="configs/mingtok.py:scenes" MLLM_CONFIG="configs/ming_univision.py:demo"
 else
   WORKDIR="${1:-$REPO/workdir_demo}"
   TOKENIZER_CONFIG="configs/chameleon_vqgan.py:demo" MLLM_CONFIG="configs/unitoken.py:demo"
@@ -56,14 +65,36 @@ shift || true
 mkdir -p "$WORKDIR"
 echo "== 1/3 the demo tokenizer ($TOKENIZER_CONFIG) on built-in scenes -> $WORKDIR/vq"
 python -m unimm_jax.main --config="$TOKENIZER_CONFIG" --workdir="$WORKDIR/vq"
+if [[ "$DEMO" == "ming_univision" ]]; then
+  # The flow head samples N(0, 1) noise: give it latents of unit scale, measured on the
+  # tokenizer just trained (the authors' constants are their tokenizer's).
+  python -m unimm_jax.main --mode=eval --workdir="$WORKDIR/vq"
+  read -r -a NORMALIZATION < <(python - "$WORKDIR/vq" <<'PY'
+import glob, json, os, sys
+path = max(glob.glob(os.path.join(sys.argv[1], "eval_*.json")),
+           key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
+print(" ".join(f"--config.vq.{k}={v!r}"
+               for k, v in json.load(open(path))["latent_normalization"].items()))
+PY
+)
+fi
 echo "== 2/3 the demo MLLM ($MLLM_CONFIG) -> $WORKDIR/mllm"
 python -m unimm_jax.main --config="$MLLM_CONFIG" --workdir="$WORKDIR/mllm" \
-    --config.system.tokenizer_path="$WORKDIR/vq" "$@"
+    --config.system.tokenizer_path="$WORKDIR/vq" "${NORMALIZATION[@]}" "$@"
 echo "== 3/3 chat and generate with the trained MLLM"
 python -m unimm_jax.data.scenes --output="$WORKDIR/heldout_scene.png" --split=eval --index=0
 python -m unimm_jax.main --mode=chat --workdir="$WORKDIR/mllm" \
     --image="$WORKDIR/heldout_scene.png" --prompt="How many objects are there?"
 python -m unimm_jax.main --mode=generate --workdir="$WORKDIR/mllm" \
     --prompt="a red circle on the left" --output="$WORKDIR/generated" --num_images=8
+if [[ "$DEMO" == "ming_univision" ]]; then
+  python -m unimm_jax.data.scene_edits --output="$WORKDIR/edit_example" --edits=2 --size=32
+  mapfile -t INSTRUCTIONS < "$WORKDIR/edit_example/instructions.txt"
+  python -m unimm_jax.main --mode=edit --workdir="$WORKDIR/mllm" \
+      --image="$WORKDIR/edit_example/start.png" --prompt="${INSTRUCTIONS[0]}" \
+      --prompt="${INSTRUCTIONS[1]}" --output="$WORKDIR/edited"
+  echo "Edit rounds: $WORKDIR/edited/round_*.png (expected: $WORKDIR/edit_example/);" \
+       "edit grids: $WORKDIR/mllm/edits/*.png"
+fi
 echo "Generated grids: $WORKDIR/mllm/generations/*.png and $WORKDIR/generated/*.png;"
 echo "answers: $WORKDIR/mllm/answers/*.txt; TensorBoard: tensorboard --logdir $WORKDIR"

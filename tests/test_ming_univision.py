@@ -21,7 +21,8 @@ from unimm_jax.train import trainer
 from unimm_jax.train.tasks.mllm import shifted_targets
 
 TINY = "configs/ming_univision.py:tiny"
-NO_GENERATION = ("--config.eval.num_answers=0", "--config.eval.num_generations=0")
+NO_GENERATION = ("--config.eval.num_answers=0", "--config.eval.num_generations=0",
+                 "--config.eval.num_edits=0")
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +137,15 @@ def test_edit_keeps_images_in_context_as_latents(tiny_setup, monkeypatch):
   image = scenes.render(scenes.sample_scene(scenes.scene_seed("eval", 0)), size) / 127.5 - 1.0
   instructions = ["Make the circle blue.", "Move the square to the left."]
   params = _live_head(state.params)
-  images, latents = runner.edit(params, frozen, image, instructions, cfg_scale=2.0)
-  assert images.shape == (2, size, size, 3) and latents.shape[0] == 3
+  images, latents = runner.edit(params, frozen, image[None], [instructions], cfg_scale=2.0)
+  assert images.shape == (1, 2, size, size, 3) and latents.shape[:2] == (1, 3)
   assert len(encodes) == 1 and pixel_batches and not any(pixel_batches)
-  again, _ = runner.edit_round(params, frozen, latents[:2], instructions, cfg_scale=2.0)
-  np.testing.assert_allclose(again, images[1], atol=1e-5)
-  changed = latents[:2].copy()
-  changed[1] += 1.0
-  other, _ = runner.edit_round(params, frozen, changed, instructions, cfg_scale=2.0)
-  assert np.abs(other - images[1]).max() > 1e-3
+  again, _ = runner.edit_round(params, frozen, latents[:, :2], [instructions], cfg_scale=2.0)
+  np.testing.assert_allclose(again, images[:, 1], atol=1e-5)
+  changed = latents[:, :2].copy()
+  changed[:, 1] += 1.0
+  other, _ = runner.edit_round(params, frozen, changed, [instructions], cfg_scale=2.0)
+  assert np.abs(other - images[:, 1]).max() > 1e-3
 
 
 def test_stages_train_what_the_paper_says():
@@ -178,8 +179,10 @@ def test_run_logs_the_flow_loss_evaluates_and_checkpoints(ming_run):
   workdir, proc = ming_run
   metrics = read_metrics(workdir)
   for key in ("loss", "loss/ce", "loss/flow", "eval/loss", "eval/flow",
-              "eval/accuracy/all", "eval/generation_check"):
+              "eval/accuracy/all", "eval/generation_check", "eval/edit_check",
+              "eval/edit_check/round_1"):
     assert key in metrics[4], key
+  assert "step_0000004.png" in os.listdir(os.path.join(workdir, "edits"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert "held-out answer accuracy / generation check at step 4" in proc.stdout
 

@@ -89,11 +89,11 @@ def set_mllm_schedule(config: ml_collections.ConfigDict) -> None:
   """The unified systems' default cadence on the built-in scenes: 500 steps of batch 16,
   logged every 25; grids, checkpoints and evaluations every 250 (`config.eval`: 2 packed
   batches of 16 rows for the loss, 96 held-out questions answered in at most 6 tokens and
-  32 generation prompts)."""
+  32 generation prompts; `num_edits` edit chains for a system that edits in context)."""
   config.train.update(dict(batch_size=16, steps=500, log_every=25, image_every=250,
                            checkpoint_every=250, eval_every=250))
   config.eval = ml_collections.ConfigDict(dict(
-      batch_size=16, num_batches=2, num_answers=96, num_generations=32,
+      batch_size=16, num_batches=2, num_answers=96, num_generations=32, num_edits=0,
       max_answer_tokens=6))
 
 

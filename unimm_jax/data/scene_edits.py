@@ -384,3 +384,33 @@ class SceneEdits:
   def __repr__(self) -> str:
     return (f'SceneEdits({self.split!r}, {self.num_examples}, {self.image_size} px, '
             f'seed={self.seed}, max_edits={self.max_edits})')
+
+
+def _export(argv=None) -> None:
+  """`python -m unimm_jax.data.scene_edits --output=DIR [--split=eval --edits=2 --size=64]`:
+  the first example of the split with exactly `--edits` rounds: writes DIR/start.png, the
+  expected DIR/target_K.png of each round K and DIR/instructions.txt (one per line)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=_export.__doc__)
+  parser.add_argument('--output', required=True)
+  parser.add_argument('--split', default='eval', choices=sorted(scenes.SPLITS))
+  parser.add_argument('--edits', type=int, default=2)
+  parser.add_argument('--size', type=int, default=64)
+  args = parser.parse_args(argv)
+  source = SceneEdits(args.split, 1000, args.size, max_edits=args.edits)
+  index = next(i for i in range(len(source))
+               if len(source.example(i)[2]['instructions']) == args.edits)
+  chain, _, meta = source.example(index)
+  os.makedirs(args.output, exist_ok=True)
+  for k, scene in enumerate(chain):
+    name = 'start.png' if k == 0 else f'target_{k}.png'
+    Image.fromarray(scenes.render(scene, args.size)).save(os.path.join(args.output, name))
+  with open(os.path.join(args.output, 'instructions.txt'), 'w') as f:
+    f.write('\n'.join(meta['instructions']) + '\n')
+  print(f'{args.output}: example {index} of {args.split}: ' + ' / '.join(meta['instructions']))
+
+
+if __name__ == '__main__':
+  _export()

@@ -5,8 +5,9 @@
   images = runner.generate(params, frozen, prompts, cfg_scale=3.0, temperature=1.0,
                            top_k=None, top_p=None, seed=0)    # (n, H, W, 3) in [-1, 1]
 
-  rounds = runner.edit(params, frozen, image, ['Make the circle blue.', ...], cfg_scale=3.0,
-                       temperature=1.0, seed=0)                 # (k, H, W, 3), one per round
+  rounds, latents = runner.edit(params, frozen, images, [['Make the circle blue.', ...], ...],
+                                cfg_scale=3.0, temperature=1.0, seed=0)
+                                # (b, k, H, W, 3): one image per row and round
 
 `records` are conversation records (`unimm_jax.data.mllm_sequence`): a user turn with an
 image and a question; the prompt ends after the assistant's prefix. Image prompts end with
@@ -144,61 +145,70 @@ class MLLMRunner:
                                              generation_prompt='image',
                                              template=self.chat_template)
 
-  def _edit_batch(self, sequence, latents: jax.Array, images_per_row: int) -> dict:
-    """One prompt as a batch whose images are `latents` (1, P, n, d), without pixels."""
-    batch = mllm_sequence.collate_prompts(self._padded([sequence]), images_per_row)
+  def _edit_batch(self, sequences, latents: jax.Array, images_per_row: int) -> dict:
+    """Prompts as a batch whose images are `latents` (b, r, n, d), without pixels."""
+    batch = mllm_sequence.collate_prompts(self._padded(sequences), images_per_row)
     batch = {k: v for k, v in batch.items() if k not in ('images', 'vit_tiles')}
+    latents = np.asarray(jax.device_get(latents), np.float32)
     padded = np.zeros((len(batch['tokens']), images_per_row) + latents.shape[2:], np.float32)
-    padded[:, :latents.shape[1]] = np.asarray(jax.device_get(latents))
+    padded[:len(latents), :latents.shape[1]] = latents
     return self.place({**batch, 'image_latents': padded})
 
-  def edit_round(self, params, frozen, context: np.ndarray, instructions: Sequence[str], *,
-                 cfg_scale: float = 1.0, temperature: float = 1.0,
+  def edit_round(self, params, frozen, context: np.ndarray, chains: Sequence[Sequence[str]],
+                 *, cfg_scale: float = 1.0, temperature: float = 1.0,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Round r = len(context) - 1 of an edit: context (r + 1, n, d) holds the latents of the
-    start image and of rounds 1..r; instructions[:r + 1] are read. Returns the round's image
-    (S, S, 3) in [-1, 1] and its latents (n, d)."""
-    r, images_per_row = len(context) - 1, len(instructions)
-    context = np.asarray(context, np.float32)[None]
-    cond = self._edit_batch(self._edit_prompt(instructions, r, True), context, images_per_row)
+    """Round r = context.shape[1] - 1 of b edits at once: context (b, r + 1, n, d) holds
+    the latents of each start image and of its rounds 1..r; chains[i][:r + 1] are row i's
+    instructions (every chain as long). Returns the round's images (b, S, S, 3) in [-1, 1]
+    and latents (b, n, d)."""
+    context = np.asarray(context, np.float32)
+    b, r = len(context), context.shape[1] - 1
+    images_per_row = len(chains[0])
+    if len(chains) != b or any(len(c) != images_per_row for c in chains):
+      raise ValueError(f'edit_round needs one chain per context row, all as long: got '
+                       f'{[len(c) for c in chains]} for {b} rows')
+    def prompts(with_text):
+      return [self._edit_prompt(chain, r, with_text) for chain in chains]
+    cond = self._edit_batch(prompts(True), context, images_per_row)
     others = ()
     if cfg_scale != 1.0:
-      text_uncond = self._edit_batch(self._edit_prompt(instructions, r, False), context,
-                                     images_per_row)
-      blank = self._edit_batch(self._unconditional(), context[:, :0], images_per_row)
+      text_uncond = self._edit_batch(prompts(False), context, images_per_row)
+      blank = self._edit_batch([self._unconditional()] * b, context[:, :0], images_per_row)
       others = (text_uncond, blank)
     rendered, state = self._generate(params, frozen, cond, others,
                                      jax.random.fold_in(jax.random.key(seed), r),
                                      cfg_scale=float(cfg_scale), temperature=float(temperature),
                                      top_k=None, top_p=None)
     latents = self.system.generated_latents(state)
-    return (np.asarray(jax.device_get(rendered))[0],
-            np.asarray(jax.device_get(latents))[0])
+    return (np.asarray(jax.device_get(rendered))[:b],
+            np.asarray(jax.device_get(latents))[:b])
 
-  def edit(self, params, frozen, image: np.ndarray, instructions: Sequence[str], *,
+  def edit(self, params, frozen, images: np.ndarray, chains: Sequence[Sequence[str]], *,
            cfg_scale: float = 1.0, temperature: float = 1.0,
            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Multi-round in-context editing of one image (module docstring).
+    """Multi-round in-context editing of b images at once (module docstring).
 
     Args:
-      image: (S, S, 3) float in [-1, 1] at the system's image size: encoded once, here.
-      instructions: one per round.
+      images: (b, S, S, 3) float in [-1, 1] at the system's image size: encoded once, here.
+      chains: b lists of instructions, one per round, all of the same length k.
     Returns:
-      (images (k, S, S, 3) in [-1, 1], latents (k + 1, n, d): the start image's, then each
-      round's).
+      (images (b, k, S, S, 3) in [-1, 1], latents (b, k + 1, n, d): each start image's,
+      then each round's).
     """
     if not self.system.edits_in_context:
       raise ValueError(f'{type(self.system).__name__} does not edit in context')
-    if not instructions:
-      raise ValueError('edit needs at least one instruction')
-    pixels = np.asarray(self._padded([np.asarray(image, np.float32)]))[:, None]
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or len(chains) != len(images) or not chains[0]:
+      raise ValueError(f'edit needs images (b, S, S, 3) and b non-empty chains; got images '
+                       f'{images.shape} and {len(chains)} chains')
+    pixels = np.asarray(self._padded(list(images)))[:, None]
     start = self._image_latents(frozen, self.place({'images': pixels})['images'])
-    latents = [np.asarray(jax.device_get(start))[0, 0]]
-    images = []
-    for _ in instructions:
-      image_r, latents_r = self.edit_round(params, frozen, np.stack(latents), instructions,
+    latents = np.asarray(jax.device_get(start))[:len(images), :1]
+    rounds = []
+    for _ in chains[0]:
+      image_r, latents_r = self.edit_round(params, frozen, latents, chains,
                                            cfg_scale=cfg_scale, temperature=temperature,
                                            seed=seed)
-      images.append(image_r)
-      latents.append(latents_r)
-    return np.stack(images), np.stack(latents)
+      rounds.append(image_r)
+      latents = np.concatenate([latents, latents_r[:, None]], axis=1)
+    return np.stack(rounds, axis=1), latents

@@ -7,7 +7,12 @@ and generation checks (the built-in scenes, `unimm_jax.data.scenes`), also
                    majority-answer baselines;
   generation check the rate of generated images that satisfy their prompt
                    (`unimm_jax.evals.scene_checks.check_generated_image`);
-and a grid of generated images (TensorBoard and WORKDIR/generations/step_*.png).
+  edit check       (a system that edits in context, config.eval.num_edits > 0) the rate of
+                   edit rounds whose image shows what the instruction asked
+                   (`scene_checks.check_edited_image`), over all rounds and per round, each
+                   chain edited in context from its start scene;
+and grids of generated and edited images (TensorBoard and WORKDIR/generations/,
+WORKDIR/edits/step_*.png).
 `--mode=chat`, `--mode=generate` and `--mode=edit` restore only the eval params.
 """
 import json
@@ -53,10 +58,16 @@ class MLLMEvaluator:
                                             _rounded(config.eval.num_answers, shards))
     self.prompts = mllm_data.eval_records(config.data, "generation",
                                           _rounded(config.eval.num_generations, shards))
+    num_edits = config.eval.get("num_edits", 0)  # configs saved before the field have none
+    if num_edits and not system.edits_in_context:
+      raise ValueError(f"config.eval.num_edits={num_edits}: {type(system).__name__} does not "
+                       "edit in context; set it to 0")
+    self.edits = mllm_data.eval_records(config.data, "editing", num_edits)
     self.runner = mllm_inference.MLLMRunner.on_mesh(
         system, task.tokenizer, context, max_answer_tokens=config.eval.max_answer_tokens,
         chat_template=config.data.chat_template)
     self._step, self._scalars, self.answers, self.images = None, None, [], None
+    self.edit_rows = None
 
   def _loss(self, params) -> dict[str, float]:
     totals = {}
@@ -89,6 +100,29 @@ class MLLMEvaluator:
       checks = [scene_checks.check_generated_image(image, r["meta"]["check"])
                 for image, r in zip(self.images, self.prompts)]
       scalars["eval/generation_check"] = float(np.mean(checks))
+    if self.edits:
+      scalars.update(self._edit_checks(params))
+    return scalars
+
+  def _edit_checks(self, params) -> dict[str, float]:
+    """Edits every eval chain in context (chains of one length together) and checks each
+    round; keeps rows [start, round 1, ...] (in [-1, 1]) for the grid."""
+    gen = self.task.config.generation
+    passes, self.edit_rows = {}, []
+    for length in sorted({r["meta"]["num_edits"] for r in self.edits}):
+      records = [r for r in self.edits if r["meta"]["num_edits"] == length]
+      starts = np.stack([transforms.normalize(r["messages"][0]["content"][0]["image"])
+                         for r in records])
+      rounds, _ = self.runner.edit(params, self.frozen, starts,
+                                   [r["meta"]["instructions"] for r in records],
+                                   cfg_scale=gen.cfg_scale, temperature=gen.temperature,
+                                   seed=self.task.config.seed)
+      for record, start, edited in zip(records, starts, rounds):
+        for k, (image, check) in enumerate(zip(edited, record["meta"]["checks"]), start=1):
+          passes.setdefault(k, []).append(scene_checks.check_edited_image(image, check))
+        self.edit_rows.append([start, *edited])
+    scalars = {"eval/edit_check": float(np.mean(sum(passes.values(), [])))}
+    scalars.update({f"eval/edit_check/round_{k}": float(np.mean(v)) for k, v in passes.items()})
     return scalars
 
   def evaluate(self, variables, step: int) -> dict[str, float]:
@@ -106,6 +140,9 @@ class MLLMEvaluator:
       grid = metric_logging.image_grid(self.images[:self.task.config.train.grid_images],
                                        columns=4)
       self.writer.write_images(step, {"generations": grid[None]})
+    if self.edit_rows:
+      edits = self._edit_grid()
+      self.writer.write_images(step, {"edits": edits[None]})
     text = "\n".join(f"Q: {mllm_data.prompt_text(r)}  A: {a}  (want {r['meta']['answer']})"
                      for r, a in zip(self.questions[:8], self.answers[:8]))
     if text:
@@ -114,9 +151,20 @@ class MLLMEvaluator:
       if self.images is not None:
         image_io.save_png(os.path.join(self.workdir, "generations", f"step_{step:07d}.png"),
                           grid)
+      if self.edit_rows:
+        image_io.save_png(os.path.join(self.workdir, "edits", f"step_{step:07d}.png"), edits)
       os.makedirs(os.path.join(self.workdir, "answers"), exist_ok=True)
       with open(os.path.join(self.workdir, "answers", f"step_{step:07d}.txt"), "w") as f:
         f.write(text + "\n")
+
+  def _edit_grid(self) -> np.ndarray:
+    """One row per chain (at most grid_images rows): the start scene, then each round; a
+    shorter chain's row ends in black."""
+    rows = self.edit_rows[:self.task.config.train.grid_images]
+    width = max(len(row) for row in rows)
+    blank = np.full_like(rows[0][0], -1.0)
+    cells = [image for row in rows for image in row + [blank] * (width - len(row))]
+    return metric_logging.image_grid(np.stack(cells), columns=width)
 
   def headline(self, scalars: dict[str, float]) -> str:
     parts = []
@@ -130,14 +178,17 @@ class MLLMEvaluator:
                        f" (majority {scalars[f'eval/majority/{group}']:.3f})")
     if "eval/generation_check" in scalars:
       parts.append(f"generation check {scalars['eval/generation_check']:.3f}")
+    if "eval/edit_check" in scalars:
+      parts.append(f"edit check {scalars['eval/edit_check']:.3f}")
     if "eval/loss" in scalars:
       parts.append(f"loss {scalars['eval/loss']:.4f}")
     return ", ".join(parts)
 
   @property
   def description(self) -> str:
+    edits = f", {len(self.edits)} edit chains" if self.edits else ""
     return (f"{len(self.questions)} held-out questions, {len(self.prompts)} generation "
-            f"prompts, {self.num_tokens} target tokens")
+            f"prompts{edits}, {self.num_tokens} target tokens")
 
 
 def _frozen(task, context):
@@ -219,10 +270,11 @@ def edit_to_folder(task, context, workdir: str, image_path: str, instructions: l
   runner = mllm_inference.MLLMRunner.on_mesh(task.system, task.tokenizer, context,
                                              chat_template=task.config.data.chat_template)
   with context.activate():
-    images, _ = runner.edit(params, _frozen(task, context), pixels, instructions,
+    images, _ = runner.edit(params, _frozen(task, context), pixels[None], [instructions],
                             cfg_scale=gen.cfg_scale if cfg_scale is None else cfg_scale,
                             temperature=gen.temperature if temperature is None else temperature,
                             seed=seed)
+    images = images[0]
   os.makedirs(output, exist_ok=True)
   image_io.save_png(os.path.join(output, "round_0.png"), image_io.to_uint8(pixels))
   for i, image in enumerate(images, start=1):
