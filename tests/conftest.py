@@ -26,6 +26,11 @@ if "UNIMM_JAX_TEST_CACHE" not in os.environ:
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["UNIMM_JAX_TEST_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# Tiny programs: XLA's CPU backend optimisations (LLVM's) cost more compile time than they
+# save in running them; off in this process, its xdist workers and every subprocess.
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+if os.environ.get("UNIMM_TEST_FULL_OPT") != "1":
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
@@ -56,7 +61,10 @@ def main_command(workdir, *overrides, config=TINY, mode="train"):
 
 def subprocess_env(devices: int = 1) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  flags = [f"--xla_force_host_platform_device_count={devices}"]
+  if os.environ.get("UNIMM_TEST_FULL_OPT") != "1":
+    flags.append(FAST_COMPILE_FLAG)
+  env["XLA_FLAGS"] = " ".join(flags)
   env["JAX_PLATFORMS"] = "cpu"
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   return env
