@@ -16,6 +16,7 @@ empty, so every program is compiled in a session.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,19 @@ def train_steps_in_process(config, steps: int):
     for _ in range(steps):
       state, metrics = step(state, setup.frozen, batch, setup.train_rng)
   return state, jax.device_get(metrics)
+
+
+def assert_resumes_bit_identically(run_workdir, tmp_path, *overrides, config=TINY):
+  """A copy of `run_workdir` (a 4-step run with checkpoints at 2 and 4) without its step-4
+  checkpoint resumes from step 2 (main given `overrides`) to the same saved state; returns
+  the copy's workdir."""
+  workdir = tmp_path / "run"
+  shutil.copytree(run_workdir, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  resumed = run_main(workdir, *overrides, config=config)
+  assert "resumed from step 2" in resumed.stderr
+  assert_same_saved_state(workdir, run_workdir, 4)
+  return workdir
 
 
 def assert_same_saved_state(workdir, reference_workdir, step) -> None:

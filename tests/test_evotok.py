@@ -6,7 +6,6 @@ random (see its docstring for the sizes and stand-ins).
 """
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import (EVOTOK_TINY, _saved_state_arrays, assert_same_saved_state,
+from conftest import (EVOTOK_TINY, _saved_state_arrays, assert_resumes_bit_identically,
                       evotok_teacher_flags, read_metrics, run_main, train_steps_in_process)
 from unimm_jax import config_defaults
 from unimm_jax.convert import evotok_weights
@@ -146,13 +145,9 @@ def test_run_logs_every_term_and_updates_the_codebooks(evotok_run):
 @pytest.mark.e2e
 def test_resume_is_bit_identical_codebooks_included(evotok_run, evotok_teacher, tmp_path):
   """A copy of the run without its step-4 checkpoint resumes from step 2 to the same state."""
-  workdir = tmp_path / "run"
-  shutil.copytree(evotok_run[0], workdir)
-  shutil.rmtree(workdir / "checkpoints" / "4")
-  resumed = run_main(workdir, *evotok_teacher_flags(evotok_teacher), config=TINY)
-  assert "resumed from step 2" in resumed.stderr
+  workdir = assert_resumes_bit_identically(evotok_run[0], tmp_path,
+                                           *evotok_teacher_flags(evotok_teacher), config=TINY)
   assert any("quantizer_state" in k for k in _saved_state_arrays(workdir, 4))
-  assert_same_saved_state(workdir, evotok_run[0], 4)
 
 
 @pytest.mark.e2e

@@ -2,7 +2,6 @@
 the semantic decoder's cache, in-context editing, and the tiny system end to end
 (`python -m unimm_jax.main --config=configs/ming_univision.py:tiny`)."""
 import os
-import shutil
 
 import flax
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (FAST_COMPILE, assert_exact_losses_match, assert_same_saved_state,
+from conftest import (FAST_COMPILE, assert_exact_losses_match, assert_resumes_bit_identically,
                       read_metrics, run_main)
 from unimm_jax import config_defaults
 from unimm_jax.data import scenes
@@ -197,12 +196,7 @@ def test_eight_devices_match_one(ming_run, tmp_path):
 
 @pytest.mark.e2e
 def test_resume_is_bit_identical(ming_run, tmp_path):
-  workdir = tmp_path / "run"
-  shutil.copytree(ming_run[0], workdir)
-  shutil.rmtree(workdir / "checkpoints" / "4")
-  resumed = run_main(workdir, *NO_GENERATION, config=TINY)
-  assert "resumed from step 2" in resumed.stderr
-  assert_same_saved_state(workdir, ming_run[0], 4)
+  assert_resumes_bit_identically(ming_run[0], tmp_path, *NO_GENERATION, config=TINY)
 
 
 @pytest.mark.e2e
