@@ -7,10 +7,11 @@ the identity (gate 0) and the final layer at a zero shift and scale (DiT, BitDan
 `adaln_mlp` / `AdaLNMLP` is the whole per-token denoiser of the SimpleMLPAdaLN family (MAR's
 diffusion loss, adapted by BitDance's `MlpEncoder` and Ming-UniVision's rectified-flow head):
 input projection, timestep MLP and condition projection summed into y, residual adaLN blocks
-driven by silu(y), then a final affine-free LayerNorm, modulated, and a linear output. Its
-param names are those of `unimm_jax.models.gap_prior.DiffusionHead`, which builds the same
-stack inline; the two heads differ only in the SwiGLU (hidden width, biases), in how many
-blocks share one adaLN projection, and in what follows the output.
+driven by silu(y), then a final affine-free LayerNorm, modulated, and a linear output. With
+`attention_heads` its blocks are `AdaLNTransformerBlock`s instead (BitDance's `TransEncoder`,
+the parallel head): the m tokens of a row attend to each other, so a row denoises P tokens
+jointly. `unimm_jax.models.bit_diffusion.BitDiffusionHead` and the Ming-UniVision flow head
+are built on it.
 """
 from typing import Any
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm_jax.nn import initializers
+from unimm_jax.nn.attention import MultiHeadAttention
 from unimm_jax.nn.embeddings import TIME_FREQUENCY_DIM, TimestepEmbedder
 from unimm_jax.nn.mlp import SwiGLU
 
@@ -65,6 +67,37 @@ class AdaLNResBlock(nn.Module):
     return x + gate * h
 
 
+class AdaLNTransformerBlock(nn.Module):
+  """BitDance's `TransBlock` (diff_head_parallel.py): adaLN attention, then an adaLN SwiGLU.
+
+    x = x + gate1 * attention(LayerNorm(x) * (1 + scale1) + shift1)
+    x = AdaLNResBlock(x, scale2, shift2, gate2)
+
+  The attention is bidirectional over the m tokens of each row, without positions (a parallel
+  head's tokens know their place from their conditions), with biases on q, k, v and out.
+  Params: attention_norm {scale, bias}, attention {query, key, value, out (+ _bias)}, ffn
+  (an `AdaLNResBlock`).
+
+  Shapes: x (b, m, width); modulations: six (b, m, width) (scale1, shift1, gate1, scale2,
+  shift2, gate2) -> (b, m, width).
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  hidden_dim: int | None = None
+  mlp_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, modulations: list[jax.Array]) -> jax.Array:
+    scale1, shift1, gate1, scale2, shift2, gate2 = modulations
+    h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, scale_init=initializers.ones('embed'),
+                     bias_init=initializers.zeros('embed'), name='attention_norm')(x)
+    h = MultiHeadAttention(self.num_heads, qkv_bias=True, out_bias=True, rope=None,
+                           dtype=self.dtype, name='attention')(modulate(h, scale1, shift1))
+    x = x + gate1 * h
+    return AdaLNResBlock(self.dtype, self.hidden_dim, self.mlp_bias, name='ffn')(
+        x, scale2, shift2, gate2)
+
+
 def _xavier_dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
   """Dense with a Xavier-uniform kernel and zero bias, as these heads initialise them; the
   input axis stays unnamed (one mesh axis cannot shard both sides of a kernel)."""
@@ -77,7 +110,7 @@ def _xavier_dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
 def adaln_mlp(x: jax.Array, t: jax.Array, cond: jax.Array, *, width: int, depth: int,
               out_features: int, dtype: Dtype, adaln_blocks: int | None = None,
               hidden_dim: int | None = None, mlp_bias: bool = False,
-              frequency_dim: int = TIME_FREQUENCY_DIM) -> jax.Array:
+              frequency_dim: int = TIME_FREQUENCY_DIM, attention_heads: int = 0) -> jax.Array:
   """The SimpleMLPAdaLN denoiser (module docstring), created on the calling module: call it
   from a compact method.
 
@@ -89,6 +122,10 @@ def adaln_mlp(x: jax.Array, t: jax.Array, cond: jax.Array, *, width: int, depth:
   shift, gate) of silu(y) (adaln_blocks None: one per block); then final_adaln (scale, shift)
   of silu(y) modulates an affine-free LayerNorm (eps 1e-6) and the zero-initialised
   final_linear maps to out_features. input_proj and cond_embed are Xavier-uniform.
+
+  attention_heads: 0 for per-token blocks (`AdaLNResBlock`, 3 modulations each); > 0 for
+  `AdaLNTransformerBlock`s with that many heads (6 modulations), where the m tokens of a row
+  attend to each other.
 
   Params: input_proj, time_embed {time_in, time_out}, cond_embed, adaln_{k}, res_blocks_{i},
   final_adaln, final_linear (each {kernel, bias}).
@@ -102,9 +139,12 @@ def adaln_mlp(x: jax.Array, t: jax.Array, cond: jax.Array, *, width: int, depth:
   per_adaln = depth // adaln_blocks
   for i in range(depth):
     if i % per_adaln == 0:  # zero-initialised: every block starts as the identity
-      scale, shift, gate = modulation(y, 3, f'adaln_{i // per_adaln}', dtype)
-    h = AdaLNResBlock(dtype, hidden_dim, mlp_bias, name=f'res_blocks_{i}')(h, scale, shift,
-                                                                          gate)
+      mods = modulation(y, 6 if attention_heads else 3, f'adaln_{i // per_adaln}', dtype)
+    if attention_heads:
+      h = AdaLNTransformerBlock(attention_heads, dtype, hidden_dim, mlp_bias,
+                                name=f'res_blocks_{i}')(h, mods)
+    else:
+      h = AdaLNResBlock(dtype, hidden_dim, mlp_bias, name=f'res_blocks_{i}')(h, *mods)
   scale, shift = modulation(y, 2, 'final_adaln', dtype)
   h = modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype,
                             name='final_norm')(h), scale, shift)
@@ -123,6 +163,7 @@ class AdaLNMLP(nn.Module):
   hidden_dim: int | None = None
   mlp_bias: bool = False
   frequency_dim: int = TIME_FREQUENCY_DIM
+  attention_heads: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -130,4 +171,5 @@ class AdaLNMLP(nn.Module):
     return adaln_mlp(x, t, cond, width=self.width, depth=self.depth,
                      out_features=self.out_features, dtype=self.dtype,
                      adaln_blocks=self.adaln_blocks, hidden_dim=self.hidden_dim,
-                     mlp_bias=self.mlp_bias, frequency_dim=self.frequency_dim)
+                     mlp_bias=self.mlp_bias, frequency_dim=self.frequency_dim,
+                     attention_heads=self.attention_heads)

@@ -6,7 +6,9 @@ orders (for a row of length s, token i):
   causal          order = i                    each token sees itself and what came before
   bidirectional   order = 0                    every token sees every token
   block_causal    order = i // block_size      blocks of P tokens see each other and earlier
-                                               blocks (BitDance's parallel head, P tokens at once)
+                                               blocks (BitDance's parallel head, P tokens at once);
+                                               optionally after a causal prefix of C tokens:
+                                               order = i for i < C, C + (i - C) // P after
   prefix          order = max(0, i - L + 1)    the first L tokens see each other (a prefix LM)
   spans           an existing order, with every token of a span (a run of equal nonzero span
                   ids, e.g. an image in a causal sequence) given the order of the span's first
@@ -45,12 +47,21 @@ def bidirectional(batch: int, length: int) -> MaskSpec:
   return MaskSpec(jnp.zeros((batch, length), jnp.int32))
 
 
-def block_causal(batch: int, length: int, block_size: int, offset: int | jax.Array = 0
-                 ) -> MaskSpec:
-  """Blocks of `block_size` consecutive tokens see each other and every earlier block."""
+def block_causal(batch: int, length: int, block_size: int, offset: int | jax.Array = 0,
+                 causal_prefix: int = 0) -> MaskSpec:
+  """Blocks of `block_size` consecutive tokens see each other and every earlier block.
+
+  causal_prefix: the first C tokens (absolute positions, counting `offset`) are causal, one
+  token per order, and the blocks start after them (BitDance: the class tokens, then blocks
+  of P image tokens). Token i (absolute) has order i below C and C + (i - C) // P from C on.
+  """
   if block_size < 1:
     raise ValueError(f'block_size={block_size} must be >= 1')
-  order = (offset + jnp.arange(length, dtype=jnp.int32)) // block_size
+  if causal_prefix < 0:
+    raise ValueError(f'causal_prefix={causal_prefix} must be >= 0')
+  i = offset + jnp.arange(length, dtype=jnp.int32)
+  order = jnp.where(i < causal_prefix, i,
+                    causal_prefix + (i - causal_prefix) // block_size)
   return MaskSpec(jnp.broadcast_to(order, (batch, length)))
 
 

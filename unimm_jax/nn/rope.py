@@ -36,12 +36,15 @@ class GridPositions(enum.Enum):
   """Where grid index i lands in the normalised 8x8 range."""
   ENCODER = 'encoder'  # i * 7 / (n - 1) + 0.5
   DECODER = 'decoder'  # (i + 0.5) * 7.5 / (n - 0.5)
+  CENTRES = 'centres'  # i + 0.5, not normalised (BitDance's generators, layers_parallel.py)
 
 
 def _axis_positions(n: int, mode: GridPositions) -> np.ndarray:
   idx = np.arange(n, dtype=np.float64)
   if mode is GridPositions.ENCODER:
     return idx * (7.0 / (n - 1) if n > 1 else 0.0) + 0.5
+  if mode is GridPositions.CENTRES:
+    return idx + 0.5
   return (idx + 0.5) * (7.5 / (n - 0.5))
 
 

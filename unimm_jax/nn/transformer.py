@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm_jax.nn import initializers
+from unimm_jax.nn import kv_cache
 from unimm_jax.nn import masks
 from unimm_jax.nn.attention import MultiHeadAttention
 from unimm_jax.nn.mlp import SwiGLU, swiglu_hidden_dim
@@ -24,21 +25,33 @@ Dtype = Any
 
 class TransformerBlock(nn.Module):
   """Pre-RMSNorm block with attention and SwiGLU. Shapes: x (b, s, d), angles (s, head_dim // 2)
-  or None, mask a MaskSpec or None (every token sees every token) -> (b, s, d)."""
+  or (b, s, head_dim // 2) or None, mask a MaskSpec, a dense (b, 1, s, t) bool mask or None
+  (every token sees every token) -> (b, s, d).
+
+  With a `cache` (`kv_cache.LayerCache`, this layer's view of a stack's KV cache) the new
+  tokens' keys and values are written at the cache's index, attention runs over every slot
+  (the dense mask then has t = max_length columns) and the call returns (out, cache).
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   implementation: str | None = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, angles: jax.Array | None = None,
-               mask: masks.MaskSpec | None = None) -> jax.Array:
+               mask: masks.MaskSpec | jax.Array | None = None,
+               cache: kv_cache.LayerCache | None = None):
     dim = x.shape[-1]
-    h = x + MultiHeadAttention(self.num_heads, implementation=self.implementation,
-                               dtype=self.dtype, name='attention')(
-        RMSNorm(dtype=self.dtype, name='attention_norm')(x), angles=angles, mask=mask)
+    attended = MultiHeadAttention(self.num_heads, implementation=self.implementation,
+                                  dtype=self.dtype, name='attention')(
+        RMSNorm(dtype=self.dtype, name='attention_norm')(x), angles=angles, mask=mask,
+        cache=cache)
+    if cache is not None:
+      attended, cache = attended
+    h = x + attended
     out = h + SwiGLU(swiglu_hidden_dim(dim), dtype=self.dtype, name='feed_forward')(
         RMSNorm(dtype=self.dtype, name='ffn_norm')(h))
-    return nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
+    out = nn.with_logical_constraint(out, ('batch', 'length', 'embed'))
+    return out if cache is None else (out, cache)
 
 
 class TransformerStack(nn.Module):
