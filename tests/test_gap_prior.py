@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from unimm_jax.losses import diffusion
-from unimm_jax.models.gap_prior import GAPPrior, GAPPriorConfig, timestep_embedding
+from unimm_jax.models.gap_prior import GAPPrior, GAPPriorConfig
+from unimm_jax.nn.embeddings import timestep_embedding
 
 TINY = GAPPriorConfig(latent_dim=16, width=32, depth=2, num_heads=2, head_width=32,
                       head_depth=2, head_adaln_blocks=1, noise_repeats=2)

@@ -13,6 +13,11 @@ BitDance (x-prediction on binary latents; SPECS section 1). Facts from the autho
 - loss = mean squared error between the two velocities, over every element.
 Since v_pred - v = (x_pred - x) / max(1 - t, 0.05), this is an x-prediction MSE weighted by
 1 / max(1 - t, 0.05)^2: clean-end timesteps count up to 400 times more than noisy ones.
+- `time_shift` is SANA's shift of t toward the noise end (their `time_shift_sana`, sigma 1),
+  applied to the training t and to the sampler's grid; 1 leaves t unchanged;
+- `flip_bits`: their generators read binary tokens with each bit flipped with probability
+  p_max * u, u ~ U(0, 1) per element (`flip_tensor_elements_uniform_prob`, perturb rate 0.1):
+  the inputs learn to tolerate the sampler's own mistakes; the targets stay clean.
 
 Ming-UniVision (velocity prediction on continuous latents; SPECS section 4). Their sampler
 (mingunivision/diff_loss_rf_swiglu.py `RectifiedFlowLoss.sample`) starts from noise at t = 1
@@ -71,6 +76,26 @@ def x_prediction_velocity_loss(pred_x: jax.Array, x: jax.Array, z_t: jax.Array,
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   pred_x, x, z_t, t = f32(pred_x), f32(x), f32(z_t), f32(t)
   return jnp.mean(jnp.square(velocity(pred_x, z_t, t) - velocity(x, z_t, t)))
+
+
+def time_shift(t: jax.Array, shift: float) -> jax.Array:
+  """SANA's time shift, t / (t + shift (1 - t)) (= (1/s) / (1/s + 1/t - 1), finite at t = 0):
+  shift > 1 moves t toward the noise end (t = 0); 1 is the identity. Shapes: any -> same."""
+  if shift == 1.0:
+    return t
+  return t / (t + shift * (1.0 - t))
+
+
+def flip_bits(rng: jax.Array, bits: jax.Array, max_rate: float) -> jax.Array:
+  """bits in {-1, +1} with each element's sign flipped with probability max_rate * u,
+  u ~ U(0, 1) drawn per element (so on average max_rate / 2 of them). Shapes: any -> same.
+  """
+  if not 0.0 <= max_rate <= 1.0:
+    raise ValueError(f'bit flip rate {max_rate} must be in [0, 1]')
+  if max_rate == 0.0:
+    return bits
+  r1, r2 = jax.random.uniform(rng, (2,) + bits.shape, jnp.float32)
+  return jnp.where(r1 < max_rate * r2, -bits, bits)
 
 
 def sample_t(rng: jax.Array, shape: tuple[int, ...], distribution: str = 'logit_normal',

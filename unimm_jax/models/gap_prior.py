@@ -21,11 +21,10 @@ Where each choice comes from:
   embedding with one class), N(0, 0.02); an RMSNorm follows the embedding and the last
   block; blocks are pre-RMSNorm causal attention + SwiGLU; 2D RoPE with the query at
   position 0 and input token U_B[j] at the grid position of cell j.
-- [code: diff_head.py `MlpEncoder`, flow_head_parallel_x.py] the head: input projection,
-  timestep MLP on a 256-wide sinusoid of 1000 t, condition projection, y = silu(t + c);
-  residual blocks LayerNorm -> x (1 + scale) + shift -> SwiGLU (hidden 1.5 * width) -> x gate;
-  final adaLN LayerNorm and linear; adaLN and output layers start at zero; x-prediction
-  through 2 * sigmoid - 1. Loss: `unimm_jax.losses.diffusion`. `noise_repeats` is their
+- [code: diff_head.py `MlpEncoder`, flow_head_parallel_x.py] the head is BitDance's serial
+  binary diffusion head, `unimm_jax.models.bit_diffusion.BitDiffusionHead` (the one the
+  BitDance generators use), with bias-free SwiGLUs and x-prediction through 2 * sigmoid - 1;
+  its loss is `bit_diffusion.denoising_loss` with one t per token. `noise_repeats` is their
   `diff_batch_mul` (4): every target is denoised at that many (t, eps) draws.
 - [open] grid positions use the decoder's 8x8 normalisation of `unimm_jax.nn.rope`, which
   equals BitDance's (i + 0.5) at the paper's 8x8 grid and stays in range at other
@@ -35,7 +34,6 @@ Where each choice comes from:
   PyTorch-default init rather than BitDance's N(0, 0.02).
 """
 import dataclasses
-from typing import Any
 
 import chex
 import flax.linen as nn
@@ -43,18 +41,17 @@ import jax
 import jax.numpy as jnp
 
 from unimm_jax.losses import diffusion
+from unimm_jax.models.bit_diffusion import BitDiffusionHead, denoising_loss
 from unimm_jax.nn import initializers
 from unimm_jax.nn import masks
-from unimm_jax.nn.adaln import AdaLNResBlock, modulate, modulation
 from unimm_jax.nn.dtypes import compute_dtype
-from unimm_jax.nn.embeddings import TimestepEmbedder, sincos_2d_embedding, timestep_embedding
+from unimm_jax.nn.embeddings import sincos_2d_embedding
 from unimm_jax.nn.mlp import SwiGLU
 from unimm_jax.nn.norms import RMSNorm
 from unimm_jax.nn.rope import GridPositions, grid_positions, rope_2d_angles
 from unimm_jax.nn.transformer import TransformerBlock
 
-Dtype = Any
-__all__ = ['DiffusionHead', 'GAPPrior', 'GAPPriorConfig', 'timestep_embedding']
+__all__ = ['GAPPrior', 'GAPPriorConfig']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,51 +99,6 @@ class GAPPriorConfig:
     return cls(**overrides)
 
 
-def _dense(features: int, axes: tuple[str | None, str | None], name: str, dtype: Dtype,
-           init: str = 'torch') -> nn.Dense:
-  """Dense with bias; init 'torch' (library default) or 'xavier' (BitDance's head)."""
-  kernel = {'torch': initializers.torch_default_kernel_init,
-            'xavier': nn.initializers.xavier_uniform()}[init]
-  return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(kernel, axes),
-                  bias_init=initializers.zeros(axes[1]))
-
-
-class DiffusionHead(nn.Module):
-  """Per-token x-prediction network (BitDance `MlpEncoder` with the 2 * sigmoid - 1 output of
-  flow_head_parallel_x.py).
-
-  Shapes: z_t (b, m, d) noisy latents, t (b, m) timesteps, cond (b, m, c) transformer
-  features -> x estimate (b, m, d) float32 in (-1, 1).
-  """
-  width: int
-  depth: int
-  adaln_blocks: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, z_t: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
-    chex.assert_rank([z_t, t, cond], [3, 2, 3])
-    d, dt = z_t.shape[-1], self.dtype
-    x = _dense(self.width, (None, 'embed'), 'input_proj', dt, 'xavier')(z_t.astype(dt))
-    # Everything at the head's width is 'embed'; the inputs of the width-to-width projections
-    # stay unnamed (one mesh axis cannot shard both sides of a kernel).
-    t_emb = TimestepEmbedder(self.width, dtype=dt, name='time_embed')(t)
-    c_emb = _dense(self.width, (None, 'embed'), 'cond_embed', dt, 'xavier')(cond.astype(dt))
-    y = nn.silu(t_emb + c_emb)
-    blocks_per_adaln = self.depth // self.adaln_blocks
-    for i in range(self.depth):
-      if i % blocks_per_adaln == 0:  # zero-initialised: every block starts as the identity
-        scale, shift, gate = modulation(y, 3, f'adaln_{i // blocks_per_adaln}', dt)
-      x = AdaLNResBlock(dt, name=f'res_blocks_{i}')(x, scale, shift, gate)
-    scale, shift = modulation(y, 2, 'final_adaln', dt)
-    x = modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dt,
-                              name='final_norm')(x), scale, shift)
-    out = nn.Dense(d, dtype=dt, kernel_init=initializers.zeros('embed', None),
-                   bias_init=initializers.zeros(None), name='final_linear')(x)
-    return 2.0 * jax.nn.sigmoid(out.astype(jnp.float32)) - 1.0
-
-
 class GAPPrior(nn.Module):
   """The Generative-Aware Prior: causal transformer + per-token diffusion head.
 
@@ -168,7 +120,8 @@ class GAPPrior(nn.Module):
     self.embed_norm = RMSNorm(dtype=dt)
     self.blocks = [TransformerBlock(cfg.num_heads, dt) for _ in range(cfg.depth)]
     self.final_norm = RMSNorm(dtype=dt)
-    self.head = DiffusionHead(cfg.head_width, cfg.head_depth, cfg.head_adaln_blocks, dt)
+    self.head = BitDiffusionHead(cfg.head_width, cfg.head_depth, cfg.head_adaln_blocks,
+                                 mlp_bias=False, dtype=dt)
 
   def features(self, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Head conditions aligned with their targets.
@@ -209,18 +162,5 @@ class GAPPrior(nn.Module):
     """
     cfg = self.config
     cond, target = self.features(latents)
-    # Every target is denoised at `noise_repeats` independent (t, eps) draws, stacked on the
-    # batch axis; one t per token.
-    cond = jnp.tile(cond, (cfg.noise_repeats, 1, 1))
-    target = jnp.tile(target, (cfg.noise_repeats, 1, 1))
-    t_key, eps_key = jax.random.split(self.make_rng('noise'))
-    t = diffusion.sample_logit_normal_t(t_key, target.shape[:2], cfg.t_mean, cfg.t_std)
-    eps = jax.random.normal(eps_key, target.shape, jnp.float32)
-    z_t = diffusion.flow_interpolate(target, eps, t[..., None])
-    pred_x = self.head(z_t, t, cond)
-    loss = diffusion.x_prediction_velocity_loss(pred_x, target, z_t, t[..., None])
-    pred_sg, target_sg = jax.lax.stop_gradient(pred_x), jax.lax.stop_gradient(target)
-    metrics = {'x_mse': jnp.mean(jnp.square(pred_sg - target_sg)),
-               'bit_accuracy': jnp.mean((jnp.sign(pred_sg) == jnp.sign(target_sg))
-                                        .astype(jnp.float32))}
-    return loss, metrics
+    return denoising_loss(self.head, target, cond, self.make_rng('noise'),
+                          repeats=cfg.noise_repeats, t_mean=cfg.t_mean, t_std=cfg.t_std)
