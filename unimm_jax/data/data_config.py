@@ -1,7 +1,9 @@
 """The `data` block of a run config: its fields, their defaults, and their checks.
 
-    source                'builtin'   'builtin' | 'synthetic' | 'scenes' | 'folder' |
-                                      'array_record' | 'tfds'
+    source                'builtin'   'builtin' | 'synthetic' | 'scenes' | 'scene_classes' |
+                                      'folder' | 'array_record' | 'tfds'; 'scene_classes'
+                                      are one-object scenes of 28 colour-shape classes
+                                      (scenes.CLASS_NAMES), with class labels
     path                  ''          folder root, or ArrayRecord glob(s) (comma-separated or a
                                       list); each ArrayRecord record is one encoded image's bytes
     tfds_name             ''          TFDS dataset name (source 'tfds')
@@ -17,8 +19,9 @@
     builtin_names         'photos'    builtin train photos: names and named sets
                                       ('photos', 'faces_text'), comma-separated or a tuple
     synthetic_num_images  1024        size of the synthetic train set
-    scenes_num_images     4096        size of the procedural-scene train set (source
-                                      'scenes'; eval is the held-out scene seeds)
+    scenes_num_images     4096        size of the procedural-scene train set (sources
+                                      'scenes' and 'scene_classes'; eval is the eval
+                                      scene seeds)
     resolution_buckets    ''          several train resolutions at once (UniWeTok stage 2):
                                       'SIDE:GLOBAL_BATCH,...', e.g. '256:128,512:32'; batches
                                       alternate between the buckets, each batch at one side;
@@ -91,7 +94,7 @@ def validate_data_config(data_config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data_config.path is empty; source {data_config.source!r} needs it')
   if data_config.source == 'tfds' and not data_config.tfds_name:
     raise ValueError("data_config.tfds_name is empty; source 'tfds' needs it")
-  if data_config.source == 'scenes':
+  if data_config.source in ('scenes', 'scene_classes'):
     start, stop = scenes.SPLITS['train']
     if data_config.scenes_num_images > stop - start:
       raise ValueError(f'data_config.scenes_num_images must be <= {stop - start} (the train '

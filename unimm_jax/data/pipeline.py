@@ -12,6 +12,12 @@ Train pipeline, per host (`build_train_dataset`):
     .batch(host_batch)                                {'image': (b, s, s, 3), 'skipped': (b,)}
     .mp_prefetch(num_workers)                         when data_config.num_workers > 0
 
+Class labels (`with_labels=True`, class-conditional training): the source is
+`sources.make_class_indexed_source` (record i: (record, class index)), `_LabelledTransform`
+carries the index past the image transform, and every batch also has `'label': int32 (b,)`.
+The images, their order, the skips and the iterator state are those of the unlabelled
+pipeline.
+
 Everything random derives from `seed` and the element's position in the stream, so the
 same seed gives the same batches, and the iterator state (a position per worker) is all a
 checkpoint needs to resume bit-identically.
@@ -33,6 +39,7 @@ batch depends on num_workers; for a fixed num_workers it is deterministic.)
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from absl import flags
@@ -43,7 +50,8 @@ import ml_collections
 import numpy as np
 
 from unimm_jax.data.data_config import parse_resolution_buckets, validate_data_config
-from unimm_jax.data.sources import make_labelled_source, make_source
+from unimm_jax.data.sources import (make_class_indexed_source, make_labelled_source,
+                                    make_source)
 from unimm_jax.data.transforms import ImageTransform, Unreadable
 
 # Threads that read and decode ahead inside each process (the main one, or each worker).
@@ -65,8 +73,27 @@ _MIN_CONSECUTIVE_SKIPS_LIMIT = 1000
 _EVAL_CROP_SEED = 0xE7A1
 
 
+@dataclasses.dataclass(frozen=True)
+class _LabelledTransform:
+  """`(record, class index)` -> `{'image', 'label': int32}`, or `Unreadable`; picklable.
+
+  Runs `transform` on the record with grain's rng, so the image is the one the unlabelled
+  pipeline would make from the same position.
+  """
+
+  transform: ImageTransform
+
+  def __call__(self, element: tuple[Any, int | None], rng: np.random.Generator | None):
+    record, label = element
+    out = self.transform(record, rng)
+    if isinstance(out, Unreadable):
+      return out
+    return {**out, 'label': np.int32(label)}
+
+
 class _SkipCountingIterator(grain.DatasetIterator):
-  """Yields `{'image': ..., 'skipped': int32}`, dropping and counting `Unreadable` records.
+  """Yields `{'image': ..., ['label': ...,] 'skipped': int32}`, dropping and counting
+  `Unreadable` records.
 
   The count restarts at every yielded element, so between two `next` calls it is always
   zero and the parent's state is the whole state: get/set_state delegate to the parent.
@@ -82,7 +109,7 @@ class _SkipCountingIterator(grain.DatasetIterator):
     while True:
       element = next(self._parent)
       if not isinstance(element, Unreadable):
-        return {'image': element['image'], 'skipped': np.int32(skipped)}
+        return {**element, 'skipped': np.int32(skipped)}
       skipped += 1
       self._skipped_total += 1
       logging.log_every_n(logging.WARNING, 'Skipping unreadable record (%d so far in this '
@@ -192,12 +219,17 @@ def _derive_seeds(seed: int) -> tuple[int, int]:
 
 
 def _batched_train_dataset(data_config: ml_collections.ConfigDict, source, *, image_size: int,
-                           batch_size: int, seed: int, shard_index: int,
-                           shard_count: int) -> grain.IterDataset:
-  """One resolution's shuffled, augmented batches of one shard (no worker processes)."""
+                           batch_size: int, seed: int, shard_index: int, shard_count: int,
+                           with_labels: bool) -> grain.IterDataset:
+  """One resolution's shuffled, augmented batches of one shard (no worker processes).
+
+  With `with_labels`, `source` is a `sources.ClassIndexedSource`.
+  """
   shuffle_seed, augment_seed = _derive_seeds(seed)
   ds = shuffled_shard(source, seed=shuffle_seed, unit='records')
   transform = ImageTransform(image_size, data_config.resize_mode, data_config.flip)
+  if with_labels:
+    transform = _LabelledTransform(transform)
   ds = ds.random_map(transform, seed=augment_seed)
   if shard_count > 1:
     ds = _ProcessSlice(ds, global_batch=batch_size * shard_count, index=shard_index,
@@ -216,8 +248,8 @@ def train_buckets(data_config: ml_collections.ConfigDict,
 
 
 def build_train_dataset(data_config: ml_collections.ConfigDict, *, batch_size: int,
-                        seed: int, shard_index: int = 0, shard_count: int = 1
-                        ) -> grain.IterDataset:
+                        seed: int, shard_index: int = 0, shard_count: int = 1,
+                        with_labels: bool = False) -> grain.IterDataset:
   """The infinite, shuffled, augmented, batched train dataset of one shard (host).
 
   Args:
@@ -227,23 +259,30 @@ def build_train_dataset(data_config: ml_collections.ConfigDict, *, batch_size: i
     shard_index: this shard, in [0, shard_count); it reads rows
       [shard_index * batch_size, (shard_index + 1) * batch_size) of every global batch.
     shard_count: number of shards (hosts).
+    with_labels: add each image's class index (`sources.make_class_indexed_source`; names
+      from `sources.class_names`).
 
   Returns:
     A grain IterDataset of `{'image': float32 (b, s, s, 3) in [-1, 1], 'skipped': int32
-    (b,)}` with `s = data_config.image_size` and b = batch_size, or, with
-    `resolution_buckets`, batches of each bucket's side and its global batch / shard_count
-    in turn (bucket 0, 1, ..., 0, 1, ...; a deterministic, checkpointable round robin), so
-    that a jitted step compiles once per bucket.
+    (b,)}` (with_labels: also `'label': int32 (b,)`) with `s = data_config.image_size` and
+    b = batch_size, or, with `resolution_buckets`, batches of each bucket's side and its
+    global batch / shard_count in turn (bucket 0, 1, ..., 0, 1, ...; a deterministic,
+    checkpointable round robin), so that a jitted step compiles once per bucket.
+
+  Raises:
+    ValueError naming data_config.source when `with_labels` is set for a source without
+    class labels (builtin, synthetic, scenes, array_record).
   """
   validate_data_config(data_config)
   if batch_size <= 0:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
-  source = make_source(data_config, 'train')
+  source = (make_class_indexed_source(data_config) if with_labels
+            else make_source(data_config, 'train'))
   buckets = parse_resolution_buckets(data_config.resolution_buckets)
   if not buckets:
     it = _batched_train_dataset(data_config, source, image_size=data_config.image_size,
                                 batch_size=batch_size, seed=seed, shard_index=shard_index,
-                                shard_count=shard_count)
+                                shard_count=shard_count, with_labels=with_labels)
     return prefetch_in_workers(it, data_config)
   per_bucket = []
   for i, (side, global_batch) in enumerate(buckets):
@@ -253,18 +292,20 @@ def build_train_dataset(data_config: ml_collections.ConfigDict, *, batch_size: i
     # Each bucket its own seed, so the buckets do not see the same crops in the same order.
     per_bucket.append(_batched_train_dataset(
         data_config, source, image_size=side, batch_size=global_batch // shard_count,
-        seed=seed + 7919 * i, shard_index=shard_index, shard_count=shard_count))
+        seed=seed + 7919 * i, shard_index=shard_index, shard_count=shard_count,
+        with_labels=with_labels))
   return prefetch_in_workers(grain.IterDataset.mix(per_bucket, [1.0] * len(buckets)),
                              data_config)
 
 
 def build_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch_size: int,
-                         seed: int) -> grain.DatasetIterator:
+                         seed: int, with_labels: bool = False) -> grain.DatasetIterator:
   """This host's infinite train iterator, checkpointable with grain / Orbax.
 
   The host reads its rows (`jax.process_index()` of `jax.process_count()`) of every global
   batch and yields batches of `global_batch_size // jax.process_count()`:
-  `{'image': float32 (b, s, s, 3) in [-1, 1], 'skipped': int32 (b,)}`.
+  `{'image': float32 (b, s, s, 3) in [-1, 1], 'skipped': int32 (b,)}`, with `with_labels`
+  also `'label': int32 (b,)`, the class indices (`build_train_dataset`).
 
   Checkpoint it with `it.get_state()` / `it.set_state(state)`, or inside an Orbax
   `ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it))` (restore with
@@ -272,7 +313,7 @@ def build_train_iterator(data_config: ml_collections.ConfigDict, *, global_batch
   """
   ds = build_train_dataset(data_config, batch_size=host_batch_size(global_batch_size),
                            seed=seed, shard_index=jax.process_index(),
-                           shard_count=jax.process_count())
+                           shard_count=jax.process_count(), with_labels=with_labels)
   return iter(ds)
 
 
@@ -287,7 +328,8 @@ def iter_eval_images(data_config: ml_collections.ConfigDict, num_images: int,
   in the other modes they repeat the same views. Unreadable records are skipped.
 
   With `with_labels`, yields (image, class label) pairs from `sources.make_labelled_source`
-  instead: a str (folder subdirectory) or int (TFDS `label`); unlabelled sources raise.
+  instead: a str (folder subdirectory) or int (TFDS `label`, class scene index); unlabelled
+  sources raise.
   """
   validate_data_config(data_config)
   if num_images < 0:

@@ -20,6 +20,13 @@ measures generalisation to combinations never seen in training.
 `sample_scene(seed)` draws a scene for understanding (captions, questions);
 `sample_generation_layout(seed)` draws a one- or two-object scene whose objects lie inside
 the regions `REGIONS` (`left`, `right`, `top`, `bottom` halves) that a prompt names.
+
+Scene classes (class-conditional generation). `CLASS_NAMES` lists every colour-shape pair
+('red circle', 'red square', ..., 'white cross': colours in `COLOURS` order, shapes in
+`SHAPES` order), 28 classes; class k is `CLASS_NAMES[k]`. `sample_class_scene(seed, k)` is
+one large object of class k (radius `CLASS_RADIUS` of the side, a float `size`) on the
+background of `seed`; `SceneClassSource` serves them with their class index. Held-out
+combinations do not apply: every class appears in both splits.
 """
 
 from __future__ import annotations
@@ -46,11 +53,17 @@ SHAPE_PLURALS = {'circle': 'circles', 'square': 'squares', 'triangle': 'triangle
 # size name -> the shape's radius as a fraction of the image side.
 SIZES: dict[str, float] = {'small': 0.08, 'large': 0.13}
 TEXTURES = ('plain', 'noise', 'gradient')
+# The class scenes' single object: radius range, as a fraction of the side (uniform). At
+# 32 px the smallest (6.4 px radius) is still 11-15 px across, whatever its shape.
+CLASS_RADIUS = (0.2, 0.3)
 MAX_OBJECTS = 4
 
 # Colour-shape pairs that no train example shows or names; each colour and shape once.
 HELD_OUT_COMBOS: tuple[tuple[str, str], ...] = (
     ('red', 'triangle'), ('blue', 'circle'), ('yellow', 'cross'), ('purple', 'square'))
+
+# Scene class k (`sample_class_scene`) is the pair CLASS_NAMES[k], 'colour shape'.
+CLASS_NAMES: tuple[str, ...] = tuple(f'{c} {s}' for c in COLOURS for s in SHAPES)
 
 # split name -> [first seed, end seed): disjoint ranges.
 SPLITS: dict[str, tuple[int, int]] = {'train': (0, 1_000_000), 'eval': (1_000_000, 1_010_000)}
@@ -71,11 +84,15 @@ _CROSS_ARM = (1.05, 0.4)  # half length, half width of the cross's arms, x radiu
 
 @dataclasses.dataclass(frozen=True)
 class SceneObject:
-  """One shape: `shape` in SHAPES, `colour` in COLOURS, `size` in SIZES, centre in [0, 1]."""
+  """One shape: `shape` in SHAPES, `colour` in COLOURS, centre in [0, 1].
+
+  `size` is a name in SIZES or, for the class scenes' free sizes, the radius itself as a
+  fraction of the image side (a float).
+  """
 
   shape: str
   colour: str
-  size: str
+  size: str | float
   cx: float
   cy: float
 
@@ -86,7 +103,7 @@ class SceneObject:
 
   @property
   def radius(self) -> float:
-    return SIZES[self.size]
+    return SIZES[self.size] if isinstance(self.size, str) else float(self.size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +246,26 @@ def sample_generation_layout(seed: int) -> tuple[Scene, tuple[str, ...]]:
   return Scene(seed=seed, objects=objects, background=background, texture=texture), regions
 
 
+def sample_class_scene(seed: int, class_index: int) -> Scene:
+  """The class scene of `seed`: one object of class `class_index` (see `CLASS_NAMES`).
+
+  Its radius is uniform in `CLASS_RADIUS` and its centre random, the whole object inside
+  the image (`EXTENT * radius` from every border, plus a margin); the background as in
+  `sample_scene`. Deterministic in (seed, class_index).
+  """
+  split_of_seed(seed)  # refuses seeds outside every split
+  if not 0 <= class_index < len(CLASS_NAMES):
+    raise ValueError(f'class_index must be in [0, {len(CLASS_NAMES)}), got {class_index}')
+  colour, shape = CLASS_NAMES[class_index].split(' ')
+  rng = np.random.default_rng([seed, 3])
+  background, texture = _background(rng)
+  radius = round(float(rng.uniform(*CLASS_RADIUS)), 4)
+  e = EXTENT * radius + _MARGIN
+  cx, cy = (round(float(v), 4) for v in rng.uniform(e, 1.0 - e, size=2))
+  obj = SceneObject(shape=shape, colour=colour, size=radius, cx=cx, cy=cy)
+  return Scene(seed=seed, objects=(obj,), background=background, texture=texture)
+
+
 def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
   """Whether the points at offsets (dx, dy) from a shape's centre lie inside it (bool)."""
   if shape == 'circle':
@@ -305,6 +342,35 @@ class SceneImageSource:
 
   def __repr__(self) -> str:
     return f'SceneImageSource({self.split!r}, {self.num_images} at {self.image_size} px)'
+
+
+class SceneClassSource(SceneImageSource):
+  """Class scenes of `split` with their class indices: a labelled image source.
+
+  Record i is `render(sample_class_scene(scene_seed(split, i), i % 28), image_size)`,
+  `uint8 (s, s, 3)`, of class `i % len(CLASS_NAMES)`: every class equally often.
+  """
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return self.labelled(index)[0]
+
+  def labelled(self, index: int) -> tuple[np.ndarray, int]:
+    """(record `index`, its class index into `CLASS_NAMES`)."""
+    if not 0 <= index < self.num_images:
+      raise IndexError(f'class scene image {index} of {self.num_images}')
+    label = index % len(CLASS_NAMES)
+    scene = sample_class_scene(scene_seed(self.split, index), label)
+    return render(scene, self.image_size), label
+
+  def check_labels(self) -> None:
+    """Every record has a label; nothing to check (`sources.LabelledSource`)."""
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return CLASS_NAMES
+
+  def __repr__(self) -> str:
+    return f'SceneClassSource({self.split!r}, {self.num_images} at {self.image_size} px)'
 
 
 def _export(argv=None) -> None:

@@ -15,6 +15,9 @@ Train / eval split per `data_config.source` (`make_source(data_config, split=...
 - `scenes`: procedural scenes (`scenes.SceneImageSource`) rendered at `image_size`: train =
   the first `scenes_num_images` train scene seeds, eval = the held-out eval scene seeds
   (`scenes.SPLITS['eval']`, some with colour-shape pairs that train never shows).
+- `scene_classes`: one-object class scenes (`scenes.SceneClassSource`, class k the k-th of
+  `scenes.CLASS_NAMES`) rendered at `image_size`: train = the first `scenes_num_images`
+  train scene seeds, eval = the eval scene seeds; all 28 classes appear in both.
 - `folder`: `path` is a directory searched recursively for files with an image extension
   (`IMAGE_EXTENSIONS`, case-insensitive; hidden files and directories are ignored), sorted
   by relative path. `split` is not used.
@@ -32,8 +35,14 @@ indices 0, 100, 200, ...) is held out for eval and the train split never sees it
 
 Class labels (zero-shot classification, `make_labelled_source`): a folder file's label is the
 name of its first-level subdirectory (ImageNet-style `val/<class>/<file>`), a str; a TFDS
-record's is its integer `label` feature. builtin, synthetic, scenes and array_record have
-none.
+record's is its integer `label` feature; a class scene's is its class index. builtin,
+synthetic, scenes and array_record have none.
+
+Class indices (class-conditional training, `make_class_indexed_source`; names in index order
+from `class_names`): scene_classes -> its class index; tfds -> the `label` feature (names
+from its ClassLabel); folder -> the position of the file's first-level subdirectory among
+the sorted non-hidden subdirectories of `path` (the train root), as ImageNet folders are
+numbered.
 """
 
 from __future__ import annotations
@@ -54,9 +63,10 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 
 HOLDOUT_STRIDE = 100
 
-SOURCES = ('builtin', 'synthetic', 'scenes', 'folder', 'array_record', 'tfds')
+SOURCES = ('builtin', 'synthetic', 'scenes', 'scene_classes', 'folder', 'array_record',
+           'tfds')
 
-LABELLED_SOURCES = ('folder', 'tfds')
+LABELLED_SOURCES = ('scene_classes', 'folder', 'tfds')
 
 Label = str | int
 
@@ -149,8 +159,9 @@ class FileSource:
     if loose:
       raise ValueError(
           f'{len(loose)} image file(s) lie directly in {self.root!r} (e.g. {loose[0]!r}): '
-          'zero-shot classification (config.eval.zero_shot_classes) labels each file by its '
-          'class subdirectory, <root>/<class>/<file>')
+          'class labels (zero-shot classification: config.eval.zero_shot_classes, or '
+          "class-conditional training) come from each file's class subdirectory, "
+          '<root>/<class>/<file>')
 
   def __repr__(self) -> str:
     return f'FileSource({self.root!r})'
@@ -190,6 +201,11 @@ class TfdsSource:
       builder = tfds.builder(name, data_dir=data_dir)
       self.image_key = _image_feature_key(builder.info.features, tfds.features.Image)
       self.has_labels = _has_integer_label(builder.info.features, tfds.features.Tensor)
+      # A ClassLabel numbers its classes (names '0', '1', ... when none were given); a
+      # plain integer Tensor does not say how many there are.
+      label = builder.info.features['label'] if self.has_labels else None
+      self.label_names = (tuple(label.names)
+                          if isinstance(label, tfds.features.ClassLabel) else None)
       self._records = tfds.data_source(
           name, split=split, data_dir=data_dir, download=False,
           decoders={self.image_key: tfds.decode.SkipDecoding()})
@@ -220,8 +236,9 @@ class TfdsSource:
   def check_labels(self) -> None:
     """Raises ValueError when the dataset has no integer `label` feature."""
     if not self.has_labels:
-      raise ValueError(f'{self.where} has no integer `label` feature, which zero-shot '
-                       'classification (config.eval.zero_shot_classes) needs')
+      raise ValueError(f'{self.where} has no integer `label` feature, which class labels '
+                       '(zero-shot classification: config.eval.zero_shot_classes, or '
+                       'class-conditional training) need')
 
   def _read(self, index: int) -> dict[str, Any] | Unreadable:
     """The feature dict of record `index` (the image undecoded), or `Unreadable`."""
@@ -379,12 +396,12 @@ def make_source(data_config: ml_collections.ConfigDict, split: str) -> ImageSour
   if kind == 'synthetic':
     n = data_config.synthetic_num_images
     return SyntheticSource(n, data_config.image_size, first_index=0 if train else n)
-  if kind == 'scenes':
+  if kind in ('scenes', 'scene_classes'):
+    scene_source = scenes.SceneImageSource if kind == 'scenes' else scenes.SceneClassSource
     if train:
-      return scenes.SceneImageSource('train', data_config.scenes_num_images,
-                                     data_config.image_size)
+      return scene_source('train', data_config.scenes_num_images, data_config.image_size)
     start, stop = scenes.SPLITS['eval']
-    return scenes.SceneImageSource('eval', stop - start, data_config.image_size)
+    return scene_source('eval', stop - start, data_config.image_size)
   if data_config.eval_split and not train:
     source = _raw_source(data_config, 'eval_split')
   else:
@@ -413,5 +430,95 @@ def make_labelled_source(data_config: ml_collections.ConfigDict) -> LabelledSour
                      'zero-shot classification (config.eval.zero_shot_classes) needs; use '
                      f'one of {LABELLED_SOURCES} (see unimm_jax/data/sources.py)')
   source = make_source(data_config, 'eval')
-  (source.parent if isinstance(source, StrideSubset) else source).check_labels()
+  _unwrapped(source).check_labels()
   return source
+
+
+def _unwrapped(source: ImageSource) -> ImageSource:
+  """The source that `StrideSubset` holds out from, or `source` itself."""
+  return source.parent if isinstance(source, StrideSubset) else source
+
+
+def _require_class_indices(data_config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming data_config.source when it has no class labels."""
+  if data_config.source not in LABELLED_SOURCES:
+    raise ValueError(f'data_config.source={data_config.source!r} has no class labels, which '
+                     'class-conditional training (with_labels=True) needs; use one of '
+                     f'{LABELLED_SOURCES} (see unimm_jax/data/sources.py)')
+
+
+def _class_subdirectories(root: str) -> tuple[str, ...]:
+  """Sorted names of the non-hidden first-level subdirectories of `root` (folder classes)."""
+  if not os.path.isdir(root):
+    raise ValueError(f'data_config.path: image folder {root!r} does not exist or is not a '
+                     'directory')
+  with os.scandir(root) as entries:
+    names = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
+  if not names:
+    raise ValueError(f'data_config.path: image folder {root!r} has no class subdirectories '
+                     '(<root>/<class>/<file>), which class labels need')
+  return tuple(names)
+
+
+def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The names of the train classes of `data_config`, in class-index order.
+
+  scene_classes: `scenes.CLASS_NAMES`; folder: the sorted class subdirectories of `path`;
+  tfds: the names of the `label` ClassLabel ('0', '1', ... when it has none).
+
+  Raises:
+    ValueError naming data_config.source for an unlabelled source, or the TFDS dataset when
+    its `label` is missing or not a ClassLabel (its class count is then unknown).
+  """
+  _require_class_indices(data_config)
+  if data_config.source == 'scene_classes':
+    return scenes.CLASS_NAMES
+  if data_config.source == 'folder':
+    return _class_subdirectories(data_config.path)
+  source = _unwrapped(make_source(data_config, 'train'))
+  source.check_labels()
+  if source.label_names is None:
+    raise ValueError(f'{source.where}: its `label` feature is not a ClassLabel, so the class '
+                     'names (and count) are unknown')
+  return source.label_names
+
+
+class ClassIndexedSource:
+  """Records of a labelled source paired with their class index: `(record, int | None)`.
+
+  String labels (folder subdirectories) become their position in `names`; integer labels
+  (TFDS, class scenes) are class indices already. The index is None only for an
+  `Unreadable` record without a label, which the pipeline drops anyway.
+  """
+
+  def __init__(self, parent: LabelledSource, names: Sequence[str]):
+    self.parent = parent
+    self._index_of = {name: i for i, name in enumerate(names)}
+
+  def __len__(self) -> int:
+    return len(self.parent)
+
+  def __getitem__(self, index: int) -> tuple[SourceRecord, int | None]:
+    record, label = self.parent.labelled(index)
+    if isinstance(label, str):
+      label = self._index_of[label]
+    return record, label
+
+  def __repr__(self) -> str:
+    return f'ClassIndexedSource({self.parent!r})'
+
+
+def make_class_indexed_source(data_config: ml_collections.ConfigDict) -> ClassIndexedSource:
+  """The train source of `data_config` (as `make_source`) with class indices (docstring).
+
+  Raises:
+    ValueError naming data_config.source for builtin, synthetic, scenes and array_record;
+    ValueError for a folder with files outside class subdirectories or a TFDS dataset
+    without an integer `label`.
+  """
+  _require_class_indices(data_config)
+  source = make_source(data_config, 'train')
+  _unwrapped(source).check_labels()
+  # Only folder labels are names; the others are indices already and need no name table.
+  names = class_names(data_config) if data_config.source == 'folder' else ()
+  return ClassIndexedSource(source, names)
