@@ -16,6 +16,11 @@
 #     normalisation measured by --mode=eval, then the MLLM (configs/ming_univision.py:demo)
 #     that answers, draws with its per-token flow head and edits in context; ends with a
 #     two-round edit of a held-out scene (--mode=edit).
+#   bash launch/demo.sh bitdance [WORKDIR] [extra --config.* overrides for the generator]
+#     BitDance class-to-image on UniWeTok's binary codes: a 32 px UniWeTok
+#     (configs/uniwetok.py:scene_classes) on the built-in scene classes (28 = colour x shape),
+#     then the generator (configs/bitdance.py:demo); prints the classifier check of its
+#     generations per evaluation and writes 8 images of one class with --mode=generate.
 #   bash launch/demo.sh uniwetok [WORKDIR] [extra --config.* overrides]
 #     The UniWeTok tokenizer demo (about 10 minutes): trains on scikit-image's photos, prints
 #     held-out PSNR at the start and end, then encodes and decodes the held-out photos.
@@ -26,7 +31,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 DEMO="unified"
-if [[ "${1:-}" =~ ^(uniwetok|mingtok|unified|evotok|ming_univision)$ ]]; then
+if [[ "${1:-}" =~ ^(uniwetok|mingtok|unified|evotok|ming_univision|bitdance)$ ]]; then
   DEMO="$1"
   shift
 fi
@@ -47,6 +52,23 @@ if [[ "$DEMO" == "uniwetok" || "$DEMO" == "mingtok" ]]; then
       --input="$WORKDIR/heldout_tokens.npz" --output="$WORKDIR/heldout_decoded"
   echo "TensorBoard logs, reconstructions/*.png and checkpoints/ are in $WORKDIR"
   echo "  tensorboard --logdir $WORKDIR"
+  exit 0
+fi
+
+if [[ "$DEMO" == "bitdance" ]]; then
+  WORKDIR="${1:-$REPO/workdir_demo_bitdance}"
+  shift || true
+  mkdir -p "$WORKDIR"
+  echo "== 1/3 the UniWeTok tokenizer on the built-in scene classes -> $WORKDIR/vq"
+  python -m unimm_jax.main --config=configs/uniwetok.py:scene_classes --workdir="$WORKDIR/vq"
+  echo "== 2/3 the BitDance generator (configs/bitdance.py:demo) -> $WORKDIR/generator"
+  python -m unimm_jax.main --config=configs/bitdance.py:demo --workdir="$WORKDIR/generator" \
+      --config.system.tokenizer_path="$WORKDIR/vq" "$@"
+  echo "== 3/3 eight images of class 0 (a red circle)"
+  python -m unimm_jax.main --mode=generate --workdir="$WORKDIR/generator" --class_id=0 \
+      --output="$WORKDIR/generated" --num_images=8
+  echo "Generation grids (one class per column): $WORKDIR/generator/generations/*.png;" \
+       "class 0: $WORKDIR/generated/*.png; TensorBoard: tensorboard --logdir $WORKDIR"
   exit 0
 fi
 

@@ -156,7 +156,7 @@ _ENUMS = {
     "optim.schedule": ("constant", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
     "teacher.dtype": ("float32", "bfloat16"),
-    "task": ("tokenizer", "lm", "mllm"),
+    "task": ("tokenizer", "lm", "mllm", "class_to_image"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "train.image_every",
              "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",

@@ -10,6 +10,8 @@ chat about an image and generate images with a unified MLLM.
       --prompt="What colour is the circle?"
   python -m unimm_jax.main --mode=generate --workdir=/tmp/mllm --prompt="a red circle on the \
       left" --output=/tmp/images --num_images=4 --cfg_scale=3
+  python -m unimm_jax.main --mode=generate --workdir=/tmp/bitdance --class_id=3 \
+      --output=/tmp/class_3 --num_images=8
   python -m unimm_jax.main --mode=edit --workdir=/tmp/ming --image=scene.png \
       --prompt="Make the circle blue." --prompt="Move the square to the left." --output=/tmp/edits
   python -m unimm_jax.main --mode=import --config=configs/uniwetok.py:paper \
@@ -60,7 +62,10 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None, "generate: the text to conti
                                     "edit: one instruction per round (repeat the flag).")
 _IMAGE = flags.DEFINE_string("image", None, "chat: the image the question is about; edit: "
                              "the image to edit.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "generate (an MLLM): images to draw.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 4, "generate (an MLLM, a class-to-image "
+                                   "generator): images to draw.")
+_CLASS_ID = flags.DEFINE_integer("class_id", None, "generate (a class-to-image generator): "
+                                 "the class to draw.")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None, "generate (an MLLM): classifier-free "
                                 "guidance scale; default config.generation.cfg_scale.")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: wrap the prompt as a user turn of the "
@@ -123,21 +128,28 @@ def _decode(config, workdir: str) -> None:
                                              _OUTPUT.value))
 
 
-# The flags each kind of `generate` reads (a task names its kind in `generate_flags`).
-_GENERATE_FLAGS = {"max_new_tokens": _MAX_NEW_TOKENS, "temperature": _TEMPERATURE,
-                   "top_k": _TOP_K, "top_p": _TOP_P, "chat": _CHAT, "output": _OUTPUT,
-                   "num_images": _NUM_IMAGES, "cfg_scale": _CFG_SCALE}
+# The flags each kind of `generate` reads (a task names its kind in `generate_flags` and the
+# ones it cannot do without in `generate_required`).
+_GENERATE_FLAGS = {"prompt": _PROMPT, "max_new_tokens": _MAX_NEW_TOKENS,
+                   "temperature": _TEMPERATURE, "top_k": _TOP_K, "top_p": _TOP_P,
+                   "chat": _CHAT, "output": _OUTPUT, "num_images": _NUM_IMAGES,
+                   "cfg_scale": _CFG_SCALE, "class_id": _CLASS_ID}
 
 
 def _generate(config, workdir: str) -> None:
   task = tasks.build_task(config)
-  options = {name: _GENERATE_FLAGS[name].value for name in task.generate_flags}
+  missing = [f"--{name}" for name in task.generate_required
+             if _GENERATE_FLAGS[name].value is None]
+  if missing:
+    raise app.UsageError(f"--mode=generate of {task.kind} needs {' and '.join(missing)}")
   ignored = sorted(name for name in _GENERATE_FLAGS
                    if name not in task.generate_flags and flags.FLAGS[name].present)
   if ignored:
     raise app.UsageError(f"--mode=generate of {task.kind} does not read "
                          f"{', '.join('--' + n for n in ignored)}")
-  print(task.generate(_context(config), workdir, _single_prompt(), **options))
+  options = {name: (_single_prompt() if name == "prompt" else _GENERATE_FLAGS[name].value)
+             for name in task.generate_flags}
+  print(task.generate(_context(config), workdir, **options))
 
 
 def _single_prompt() -> str:
@@ -174,7 +186,7 @@ MODES = {
     "eval": Mode(_eval, "evaluation of a checkpoint"),
     "encode": Mode(_encode, "image codes", ("input", "output")),
     "decode": Mode(_decode, "image codes", ("input", "output")),
-    "generate": Mode(_generate, "generation", ("prompt",)),
+    "generate": Mode(_generate, "generation"),  # its flags depend on the task (_generate)
     "chat": Mode(_chat, "chat about images", ("prompt",)),
     "edit": Mode(_edit, "in-context image editing", ("image", "prompt", "output")),
     "import": Mode(_import, "importer of released weights", ("input",), reads_run=False),

@@ -49,15 +49,19 @@ class Embedded:
 
 
 class FrozenTokenizer:
-  """Mixin for a unified system whose tokenizer is frozen: `self.vq` (built from
-  config.vq) read from config.system.tokenizer_path (a tokenizer workdir, the authors' state
-  dict .safetensors, or '' = random variables for plumbing tests, with a warning) as the
-  frozen network 'vq'. `tokenizer_name` names it in that warning."""
+  """Mixin for a system whose tokenizer is frozen (a unified MLLM, a class-to-image
+  generator): `self.vq` (built from config.vq) read from config.system.tokenizer_path (a
+  tokenizer workdir, the authors' state dict .safetensors, or '' = random variables for
+  plumbing tests, with a warning) as the frozen network 'vq'. `tokenizer_name` names it in
+  that warning; `tokenizer_image_size()` is the image side it is built for."""
   tokenizer_name = 'tokenizer'
+
+  def tokenizer_image_size(self) -> int:
+    return self.image_slots.image_size
 
   def _init_vq(self, rng: jax.Array) -> dict:
     """A random tokenizer's variables (unboxed)."""
-    return tokenizers.random_variables(self.vq, self.config.vq, self.image_slots.image_size,
+    return tokenizers.random_variables(self.vq, self.config.vq, self.tokenizer_image_size(),
                                        rng)
 
   def frozen_shapes(self) -> dict:

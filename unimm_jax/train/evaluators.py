@@ -11,6 +11,7 @@ task's functions of the model's variables, never the trainer; it offers:
 when one is kept, else the params, plus the model's other collections}).
 """
 import abc
+import json
 import os
 from typing import Callable
 
@@ -22,6 +23,7 @@ from unimm_jax.data import pipeline
 from unimm_jax.data import text_corpus
 from unimm_jax.evals import image_metrics
 from unimm_jax.inference import image_io
+from unimm_jax.inference import restore
 from unimm_jax.inference import sampling
 from unimm_jax.parallel.context import MeshContext
 from unimm_jax.train import metric_logging
@@ -147,3 +149,29 @@ class LanguageModelEvaluator(_CachedEvaluator):
   @property
   def description(self) -> str:
     return f"{self.num_tokens} target tokens, EMA params"
+
+
+def restore_task_params(task, context: MeshContext, workdir: str):
+  """(step, eval params) of the latest checkpoint of `workdir`, shaped by task.init_params
+  and placed on `context`'s mesh (only the params are read)."""
+  boxed = jax.eval_shape(task.init_params, jax.random.key(0))
+  return restore.restore_eval_params(workdir, boxed, context)
+
+
+def evaluate_latest_checkpoint(task, context: MeshContext, workdir: str,
+                               make_evaluator: Callable) -> dict:
+  """`--mode=eval` of a task whose evaluator reads only params: the scalars and samples of
+  `make_evaluator(writer)` for the latest checkpoint, written to WORKDIR/eval_STEP.json and
+  TensorBoard, and printed."""
+  step, params = restore_task_params(task, context, workdir)
+  writer = metric_logging.create_writer(workdir)
+  evaluator = make_evaluator(writer)
+  scalars = evaluator.evaluate({"params": params}, step)
+  evaluator.write_samples({"params": params}, step)
+  writer.close()
+  results = {"step": step, **{k.removeprefix("eval/"): v for k, v in scalars.items()}}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+      json.dump(results, f, indent=1)
+  print(f"eval of step {step}: {evaluator.headline(scalars)} ({evaluator.description})")
+  return results

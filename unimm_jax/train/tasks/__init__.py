@@ -6,11 +6,13 @@ the modes' in `unimm_jax.main`.
 """
 import ml_collections
 
+from unimm_jax.train.tasks.class_to_image import ClassToImageTask
 from unimm_jax.train.tasks.lm import LMTask
 from unimm_jax.train.tasks.mllm import MLLMTask
 from unimm_jax.train.tasks.tokenizer import TokenizerTask
 
-TASKS = {"tokenizer": TokenizerTask, "lm": LMTask, "mllm": MLLMTask}
+TASKS = {"tokenizer": TokenizerTask, "lm": LMTask, "mllm": MLLMTask,
+         "class_to_image": ClassToImageTask}
 
 
 def task_class(config: ml_collections.ConfigDict) -> type:

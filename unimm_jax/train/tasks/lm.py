@@ -19,7 +19,6 @@ import optax
 from unimm_jax.convert import pretrained
 from unimm_jax.data import text_corpus
 from unimm_jax.data import text_tokenizer
-from unimm_jax.inference import restore
 from unimm_jax.inference import text_generation
 from unimm_jax.models import llm
 from unimm_jax.train import evaluators
@@ -47,7 +46,8 @@ class LMTask:
   throughput_unit = "tokens"
   kind = "a language model"
   modes = ("train", "eval", "generate", "plan")
-  generate_flags = ("max_new_tokens", "temperature", "top_k", "top_p", "chat")
+  generate_flags = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "chat")
+  generate_required = ("prompt",)
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -137,8 +137,7 @@ class LMTask:
     return new_state, metrics
 
   def _restore_eval_params(self, context, workdir: str):
-    return restore.restore_eval_params(workdir, jax.eval_shape(self.init_params,
-                                                               jax.random.key(0)), context)
+    return evaluators.restore_task_params(self, context, workdir)
 
   def evaluate_checkpoint(self, context, workdir: str) -> dict:
     """`--mode=eval`: held-out loss, perplexity and next-token accuracy of the latest

@@ -47,7 +47,9 @@ class MLLMTask:
   throughput_unit = "tokens"
   kind = "a unified multimodal model"
   modes = ("train", "eval", "chat", "generate", "edit", "plan")
-  generate_flags = ("output", "num_images", "cfg_scale", "temperature", "top_k", "top_p")
+  generate_flags = ("prompt", "output", "num_images", "cfg_scale", "temperature", "top_k",
+                    "top_p")
+  generate_required = ("prompt",)
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config

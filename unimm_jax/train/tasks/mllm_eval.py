@@ -15,7 +15,6 @@ and grids of generated and edited images (TensorBoard and WORKDIR/generations/,
 WORKDIR/edits/step_*.png).
 `--mode=chat`, `--mode=generate` and `--mode=edit` restore only the eval params.
 """
-import json
 import os
 
 import jax
@@ -27,7 +26,7 @@ from unimm_jax.data import transforms
 from unimm_jax.evals import scene_checks
 from unimm_jax.inference import image_io
 from unimm_jax.inference import mllm_inference
-from unimm_jax.inference import restore
+from unimm_jax.train import evaluators
 from unimm_jax.train import metric_logging
 
 GENERATION_PREFIX = "generation/"  # statistics that are a generation head's terms
@@ -196,31 +195,16 @@ def _frozen(task, context):
   return jax.device_put(task.load_frozen(), context.replicated)
 
 
-def _restore(task, context, workdir: str):
-  boxed = jax.eval_shape(task.init_params, jax.random.key(0))
-  return restore.restore_eval_params(workdir, boxed, context)
-
-
 def evaluate_checkpoint(task, context, workdir: str) -> dict:
   """`--mode=eval`: the evaluator's scalars for the latest checkpoint, written to
   WORKDIR/eval_STEP.json and TensorBoard."""
-  step, params = _restore(task, context, workdir)
-  writer = metric_logging.create_writer(workdir)
-  evaluator = MLLMEvaluator(task, context, writer, workdir)
-  scalars = evaluator.evaluate({"params": params}, step)
-  evaluator.write_samples({"params": params}, step)
-  writer.close()
-  results = {"step": step, **{k.removeprefix("eval/"): v for k, v in scalars.items()}}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
-      json.dump(results, f, indent=1)
-  print(f"eval of step {step}: {evaluator.headline(scalars)} ({evaluator.description})")
-  return results
+  return evaluators.evaluate_latest_checkpoint(
+      task, context, workdir, lambda writer: MLLMEvaluator(task, context, writer, workdir))
 
 
 def chat(task, context, workdir: str, image_path: str | None, prompt: str) -> str:
   """`--mode=chat`: the greedy answer to `prompt` about the image at `image_path`."""
-  _, params = _restore(task, context, workdir)
+  _, params = evaluators.restore_task_params(task, context, workdir)
   content = [{"type": "text", "text": prompt}]
   if image_path:
     content.insert(0, {"type": "image", "path": os.path.abspath(image_path)})
@@ -239,7 +223,7 @@ def generate_to_folder(task, context, workdir: str, prompt: str, *, output: str,
                        top_p: float | None = None, seed: int = 0) -> str:
   """`--mode=generate`: `num_images` images for `prompt` as PNGs in `output`."""
   gen = task.config.generation
-  _, params = _restore(task, context, workdir)
+  _, params = evaluators.restore_task_params(task, context, workdir)
   runner = mllm_inference.MLLMRunner.on_mesh(task.system, task.tokenizer, context,
                                              chat_template=task.config.data.chat_template)
   with context.activate():
@@ -261,7 +245,7 @@ def edit_to_folder(task, context, workdir: str, image_path: str, instructions: l
   round's image kept in context as latents; writes round_1.png, ... (and the input as the
   model sees it, round_0.png) in `output`."""
   gen = task.config.generation
-  _, params = _restore(task, context, workdir)
+  _, params = evaluators.restore_task_params(task, context, workdir)
   size = task.system.image_slots.image_size
   image = mllm_sequence.load_image({"path": os.path.abspath(image_path)})
   if isinstance(image, transforms.Unreadable):
