@@ -112,6 +112,7 @@ def _tiny(config):
   config.teacher.image_size = config.semantic_teacher.image_size = 0  # the checkpoints' own
   config.data.source = "synthetic"
   config_defaults.set_test_schedule(config)
+  config.eval.update(dict(num_images=8, batch_size=4))  # --mode=eval, not 50,000 images
 
 
 def _demo(config):
