@@ -20,10 +20,6 @@ from unimm_jax.models import bitdance
 from unimm_jax.systems import tokenizers
 from unimm_jax.systems.mllm_interface import FrozenTokenizer
 
-# config.model fields that are not BitDanceConfig's: the system's own bookkeeping.
-_NOT_GENERATOR_FIELDS = ('name',)
-
-
 def generator_config(config: ml_collections.ConfigDict) -> bitdance.BitDanceConfig:
   """config.model on the tokenizer's bits per token and token grid at data.image_size."""
   vq = config.vq
@@ -32,7 +28,7 @@ def generator_config(config: ml_collections.ConfigDict) -> bitdance.BitDanceConf
   if size % factor:
     raise ValueError(f'config.data.image_size={size} is not a multiple of the tokenizer\'s '
                      f'downsampling factor {factor}')
-  fields = {k: v for k, v in config.model.to_dict().items() if k not in _NOT_GENERATOR_FIELDS}
+  fields = config.model.to_dict()
   fields['grid'] = (size // factor, size // factor)
   return bitdance.BitDanceConfig(latent_dim=vq.groups * vq.group_bits, **fields)
 
