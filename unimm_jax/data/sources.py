@@ -425,10 +425,7 @@ def make_labelled_source(data_config: ml_collections.ConfigDict) -> LabelledSour
     array_record, a folder with image files outside class subdirectories, a TFDS dataset
     without a `label`.
   """
-  if data_config.source not in LABELLED_SOURCES:
-    raise ValueError(f'data_config.source={data_config.source!r} has no class labels, which '
-                     'zero-shot classification (config.eval.zero_shot_classes) needs; use '
-                     f'one of {LABELLED_SOURCES} (see unimm_jax/data/sources.py)')
+  _require_labels(data_config, 'zero-shot classification (config.eval.zero_shot_classes)')
   source = make_source(data_config, 'eval')
   _unwrapped(source).check_labels()
   return source
@@ -439,12 +436,13 @@ def _unwrapped(source: ImageSource) -> ImageSource:
   return source.parent if isinstance(source, StrideSubset) else source
 
 
-def _require_class_indices(data_config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming data_config.source when it has no class labels."""
+def _require_labels(data_config: ml_collections.ConfigDict, needed_by: str) -> None:
+  """Raises ValueError naming data_config.source (and what `needed_by` the labels) when the
+  source has no class labels."""
   if data_config.source not in LABELLED_SOURCES:
     raise ValueError(f'data_config.source={data_config.source!r} has no class labels, which '
-                     'class-conditional training (with_labels=True) needs; use one of '
-                     f'{LABELLED_SOURCES} (see unimm_jax/data/sources.py)')
+                     f'{needed_by} needs; use one of {LABELLED_SOURCES} (see '
+                     'unimm_jax/data/sources.py)')
 
 
 def _class_subdirectories(root: str) -> tuple[str, ...]:
@@ -470,7 +468,7 @@ def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
     ValueError naming data_config.source for an unlabelled source, or the TFDS dataset when
     its `label` is missing or not a ClassLabel (its class count is then unknown).
   """
-  _require_class_indices(data_config)
+  _require_labels(data_config, 'class-conditional training (with_labels=True)')
   if data_config.source == 'scene_classes':
     return scenes.CLASS_NAMES
   if data_config.source == 'folder':
@@ -516,7 +514,7 @@ def make_class_indexed_source(data_config: ml_collections.ConfigDict) -> ClassIn
     ValueError for a folder with files outside class subdirectories or a TFDS dataset
     without an integer `label`.
   """
-  _require_class_indices(data_config)
+  _require_labels(data_config, 'class-conditional training (with_labels=True)')
   source = make_source(data_config, 'train')
   _unwrapped(source).check_labels()
   # Only folder labels are names; the others are indices already and need no name table.

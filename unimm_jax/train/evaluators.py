@@ -29,7 +29,7 @@ from unimm_jax.parallel.context import MeshContext
 from unimm_jax.train import metric_logging
 
 
-class _CachedEvaluator(abc.ABC):
+class CachedEvaluator(abc.ABC):
   """Runs `_compute(variables)` at most once per step and writes its scalars."""
 
   def __init__(self, writer):
@@ -47,7 +47,7 @@ class _CachedEvaluator(abc.ABC):
     """The evaluation's scalars for `variables`, e.g. {'eval/psnr': 19.5}."""
 
 
-class ReconstructionEvaluator(_CachedEvaluator):
+class ReconstructionEvaluator(CachedEvaluator):
   """PSNR of held-out crops reconstructed with the eval variables; grids to TensorBoard + PNG.
 
   reconstruct: (variables, images (b, h, w, 3)) -> (b, h, w, 3) in [-1, 1].
@@ -90,7 +90,7 @@ class ReconstructionEvaluator(_CachedEvaluator):
     return f"{len(self.images)} crops, EMA params"
 
 
-class LanguageModelEvaluator(_CachedEvaluator):
+class LanguageModelEvaluator(CachedEvaluator):
   """Held-out loss, perplexity and next-token accuracy (eval params) over the eval split;
   samples: a greedy continuation of the start of the first eval document, as text.
 
@@ -149,6 +149,17 @@ class LanguageModelEvaluator(_CachedEvaluator):
   @property
   def description(self) -> str:
     return f"{self.num_tokens} target tokens, EMA params"
+
+
+def rounded_up(n: int, multiple: int) -> int:
+  """n rounded up to a multiple of `multiple` (an eval set that splits over the batch
+  shards); 0 stays 0."""
+  return -(-n // multiple) * multiple if n else 0
+
+
+def frozen_on_mesh(task, context: MeshContext):
+  """The task's frozen networks (`task.load_frozen()`), replicated on the mesh."""
+  return jax.device_put(task.load_frozen(), context.replicated)
 
 
 def restore_task_params(task, context: MeshContext, workdir: str):

@@ -32,23 +32,20 @@ from unimm_jax.train import metric_logging
 _GRID_CLASSES = 28
 
 
-def _rounded(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple if n else 0
-
-
-class ClassToImageEvaluator:
+class ClassToImageEvaluator(evaluators.CachedEvaluator):
   """The class-to-image evaluation (module docstring); trainer interface as
   `unimm_jax.train.evaluators`."""
   metric_name = "class check / loss"
 
   def __init__(self, task, context, writer, workdir: str):
-    self.task, self.context, self.writer, self.workdir = task, context, writer, workdir
+    super().__init__(writer)
+    self.task, self.context, self.workdir = task, context, workdir
     config, shards = task.config, context.batch_shards
-    self.frozen = jax.device_put(task.load_frozen(), context.replicated)
+    self.frozen = evaluators.frozen_on_mesh(task, context)
     num_classes = task.system.num_classes
-    n = _rounded(config.eval.num_generations, shards)
+    n = evaluators.rounded_up(config.eval.num_generations, shards)
     self.labels = np.arange(n, dtype=np.int32) % num_classes
-    eval_size = _rounded(config.train.eval_num_images, shards)
+    eval_size = evaluators.rounded_up(config.train.eval_num_images, shards)
     images, labels = next(pipeline.iter_eval_batches(config.data, eval_size, eval_size,
                                                      with_labels=True))
     self.real = images
@@ -62,20 +59,29 @@ class ClassToImageEvaluator:
         out_shardings=context.replicated)
     self.classify = (scene_classes.classify_class_scene
                      if config.data.source == "scene_classes" else None)
-    self.inception = None
+    self.inception = self.real_statistics = None
     if config.eval.inception_path:
       model, variables = inception_weights.load_fid_inception(config.eval.inception_path)
       self.inception = context.on_mesh(lambda x: model.apply(variables, x))
-    self._step, self._scalars, self.images = None, None, None
+    self.images = None
 
   def _fid(self, images: np.ndarray) -> float:
-    real, fake = fid.FeatureStatistics(), fid.FeatureStatistics()
-    real_source = list(pipeline.iter_eval_images(self.task.config.data, len(images)))
-    real.update(np.asarray(self.inception(np.stack(real_source)), np.float64))
+    """Frechet distance between the Inception features of `images` and of as many held-out
+    images (whose statistics are computed once, at the first evaluation)."""
+    if self.real_statistics is None:
+      real = fid.FeatureStatistics()
+      real_images = list(pipeline.iter_eval_images(self.task.config.data, len(images)))
+      real.update(np.asarray(self.inception(np.stack(real_images)), np.float64))
+      self.real_statistics = real.statistics()
+    fake = fid.FeatureStatistics()
     fake.update(np.asarray(self.inception(images), np.float64))
-    return float(fid.frechet_distance(*real.statistics(), *fake.statistics()))
+    return float(fid.frechet_distance(*self.real_statistics, *fake.statistics()))
 
-  def _compute(self, params) -> dict[str, float]:
+  def _compute(self, variables) -> dict[str, float]:
+    with self.context.activate():
+      return self._scores(variables["params"])
+
+  def _scores(self, params) -> dict[str, float]:
     config, context = self.task.config, self.context
     stats = jax.device_get(self.statistics(params, self.frozen, self.batch,
                                            jax.random.key(config.seed)))
@@ -93,15 +99,6 @@ class ClassToImageEvaluator:
     if self.inception is not None:
       scalars["eval/fid"] = self._fid(self.images)
     return scalars
-
-  def evaluate(self, variables, step: int) -> dict[str, float]:
-    """Scalars for `variables` ({'params': the eval params}), computed once per step."""
-    if self._step != step:
-      with self.context.activate():
-        self._scalars = self._compute(variables["params"])
-      self.writer.write_scalars(step, self._scalars)
-      self._step = step
-    return self._scalars
 
   def write_samples(self, variables, step: int) -> None:
     """A grid of the generations, one class per column, the first _GRID_CLASSES classes
@@ -154,7 +151,7 @@ def generate_to_folder(task, context, workdir: str, class_id: int, *, output: st
     raise ValueError(f"--class_id={class_id} is not a class id in [0, {system.num_classes})")
   name = task.class_names[class_id]
   _, params = evaluators.restore_task_params(task, context, workdir)
-  frozen = jax.device_put(task.load_frozen(), context.replicated)
+  frozen = evaluators.frozen_on_mesh(task, context)
   labels = jnp.full((num_images,), class_id, jnp.int32)
   with context.activate():
     images = jax.jit(lambda p, f, l, k: system.sample(

@@ -32,31 +32,29 @@ from unimm_jax.train import metric_logging
 GENERATION_PREFIX = "generation/"  # statistics that are a generation head's terms
 
 
-def _rounded(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple if n else 0
-
-
-class MLLMEvaluator:
+class MLLMEvaluator(evaluators.CachedEvaluator):
   """The MLLM's periodic evaluation (see the module docstring); trainer interface as
   `unimm_jax.train.evaluators`."""
   metric_name = "answer accuracy / generation check"
 
   def __init__(self, task, context, writer, workdir: str):
-    self.task, self.context, self.writer, self.workdir = task, context, writer, workdir
+    super().__init__(writer)
+    self.task, self.context, self.workdir = task, context, workdir
     config, system = task.config, task.system
     shards = context.batch_shards
-    self.frozen = _frozen(task, context)
-    batch_size = _rounded(config.eval.batch_size, shards)
+    self.frozen = evaluators.frozen_on_mesh(task, context)
     host_batches = list(mllm_data.build_mllm_eval_batches(
-        config.data, task.tokenizer, system.ids, system.image_slots, batch_size=batch_size,
+        config.data, task.tokenizer, system.ids, system.image_slots,
+        batch_size=evaluators.rounded_up(config.eval.batch_size, shards),
         max_batches=config.eval.num_batches))
     self.batches = [context.place_batch(b, host_local=False) for b in host_batches]
     self.num_tokens = int(sum(b["loss_mask"].sum() for b in host_batches))
     self.statistics = jax.jit(task.statistics, out_shardings=context.replicated)
+    rounded = lambda n: evaluators.rounded_up(n, shards)
     self.questions = mllm_data.eval_records(config.data, "understanding",
-                                            _rounded(config.eval.num_answers, shards))
+                                            rounded(config.eval.num_answers))
     self.prompts = mllm_data.eval_records(config.data, "generation",
-                                          _rounded(config.eval.num_generations, shards))
+                                          rounded(config.eval.num_generations))
     num_edits = config.eval.get("num_edits", 0)  # configs saved before the field have none
     if num_edits and not system.edits_in_context:
       raise ValueError(f"config.eval.num_edits={num_edits}: {type(system).__name__} does not "
@@ -65,7 +63,7 @@ class MLLMEvaluator:
     self.runner = mllm_inference.MLLMRunner.on_mesh(
         system, task.tokenizer, context, max_answer_tokens=config.eval.max_answer_tokens,
         chat_template=config.data.chat_template)
-    self._step, self._scalars, self.answers, self.images = None, None, [], None
+    self.answers, self.images = [], None
     self.edit_rows = None
 
   def _loss(self, params) -> dict[str, float]:
@@ -81,7 +79,11 @@ class MLLMEvaluator:
                     for name, value in totals.items() if name.startswith(GENERATION_PREFIX)})
     return scalars
 
-  def _compute(self, params) -> dict[str, float]:
+  def _compute(self, variables) -> dict[str, float]:
+    with self.context.activate():
+      return self._scores(variables["params"])
+
+  def _scores(self, params) -> dict[str, float]:
     gen = self.task.config.generation
     scalars = self._loss(params) if self.batches else {}
     if self.questions:
@@ -123,15 +125,6 @@ class MLLMEvaluator:
     scalars = {"eval/edit_check": float(np.mean(sum(passes.values(), [])))}
     scalars.update({f"eval/edit_check/round_{k}": float(np.mean(v)) for k, v in passes.items()})
     return scalars
-
-  def evaluate(self, variables, step: int) -> dict[str, float]:
-    """Scalars for `variables` ({'params': the eval params}), computed once per step."""
-    if self._step != step:
-      with self.context.activate():
-        self._scalars = self._compute(variables["params"])
-      self.writer.write_scalars(step, self._scalars)
-      self._step = step
-    return self._scalars
 
   def write_samples(self, variables, step: int) -> None:
     self.evaluate(variables, step)
@@ -190,11 +183,6 @@ class MLLMEvaluator:
             f"prompts{edits}, {self.num_tokens} target tokens")
 
 
-def _frozen(task, context):
-  """The task's frozen networks, replicated on the mesh."""
-  return jax.device_put(task.load_frozen(), context.replicated)
-
-
 def evaluate_checkpoint(task, context, workdir: str) -> dict:
   """`--mode=eval`: the evaluator's scalars for the latest checkpoint, written to
   WORKDIR/eval_STEP.json and TensorBoard."""
@@ -214,7 +202,7 @@ def chat(task, context, workdir: str, image_path: str | None, prompt: str) -> st
       task.system, task.tokenizer, context, max_answer_tokens=task.config.eval.max_answer_tokens,
       chat_template=task.config.data.chat_template)
   with context.activate():
-    return runner.answer(params, _frozen(task, context), [record])[0]
+    return runner.answer(params, evaluators.frozen_on_mesh(task, context), [record])[0]
 
 
 def generate_to_folder(task, context, workdir: str, prompt: str, *, output: str,
@@ -226,8 +214,9 @@ def generate_to_folder(task, context, workdir: str, prompt: str, *, output: str,
   _, params = evaluators.restore_task_params(task, context, workdir)
   runner = mllm_inference.MLLMRunner.on_mesh(task.system, task.tokenizer, context,
                                              chat_template=task.config.data.chat_template)
+  frozen = evaluators.frozen_on_mesh(task, context)
   with context.activate():
-    images = runner.generate(params, _frozen(task, context), [prompt] * num_images,
+    images = runner.generate(params, frozen, [prompt] * num_images,
                              cfg_scale=gen.cfg_scale if cfg_scale is None else cfg_scale,
                              temperature=gen.temperature if temperature is None else temperature,
                              top_k=(gen.top_k or None) if top_k is None else top_k,
@@ -253,8 +242,9 @@ def edit_to_folder(task, context, workdir: str, image_path: str, instructions: l
   pixels = transforms.normalize(transforms.crop_or_resize(image, size, "center_crop", None))
   runner = mllm_inference.MLLMRunner.on_mesh(task.system, task.tokenizer, context,
                                              chat_template=task.config.data.chat_template)
+  frozen = evaluators.frozen_on_mesh(task, context)
   with context.activate():
-    images, _ = runner.edit(params, _frozen(task, context), pixels[None], [instructions],
+    images, _ = runner.edit(params, frozen, pixels[None], [instructions],
                             cfg_scale=gen.cfg_scale if cfg_scale is None else cfg_scale,
                             temperature=gen.temperature if temperature is None else temperature,
                             seed=seed)
