@@ -18,6 +18,14 @@ zero-initialised linear (`unimm_jax.nn.adaln.adaln_mlp`). `bounded`: the output 
 2 sigmoid - 1 into (-1, 1), as the MLLM's flow_head_parallel_x.py does (the issue's choice and
 the GAP prior's); their ImageNet heads return it unbounded (`bounded=False`).
 
+Their two parallel heads differ only in: heads of 64 channels (ImageNet) or 128 (MLLM):
+`attention_heads` = width // 64 or width // 128; the MLLM's block MLP is a SwiGLU with
+use_swiglu (their 14B configs) or else Linear-SiLU-Linear of hidden 1.5 width (`swiglu`);
+the bound. Both take one t per row (ours per token: a row's t must then be constant), embed
+it as [cos, sin] of 1000 t (256 frequencies), use LayerNorm eps 1e-6, no RoPE and no q/k
+norm; for rows of more than 32 tokens the MLLM's attention is flash attention, the same
+softmax. `unimm_jax.convert.bitdance_mllm_weights` imports the MLLM head's weights.
+
 The loss (`denoising_loss`): every target is denoised at `repeats` independent (t, eps) draws
 (their diff_batch_mul); t = time_shift(sigmoid(mean + std N(0, 1))); z_t = (1 - t) eps + t x;
 MSE between the velocities implied by the prediction and by x, (x - z_t) / max(1 - t, 0.05)
@@ -60,6 +68,8 @@ class BitDiffusionHead(nn.Module):
   attention_heads: 0 = serial (per-token) head; > 0 = parallel head with that many heads.
   mlp_bias: biases in the SwiGLUs (BitDance's heads have them; the GAP prior's do not).
   bounded: x estimate through 2 sigmoid - 1.
+  swiglu: False replaces each block's SwiGLU by Linear-SiLU-Linear with biases (their MLLM
+    head with use_swiglu False).
   """
   width: int
   depth: int
@@ -68,6 +78,7 @@ class BitDiffusionHead(nn.Module):
   mlp_bias: bool = True
   bounded: bool = True
   dtype: Dtype = jnp.float32
+  swiglu: bool = True
 
   @nn.compact
   def __call__(self, z_t: jax.Array, t: jax.Array, cond: jax.Array) -> jax.Array:
@@ -75,14 +86,16 @@ class BitDiffusionHead(nn.Module):
     out = adaln_mlp(z_t, t, cond, width=self.width, depth=self.depth,
                     out_features=z_t.shape[-1], dtype=self.dtype,
                     adaln_blocks=self.adaln_blocks, mlp_bias=self.mlp_bias,
-                    attention_heads=self.attention_heads).astype(jnp.float32)
+                    attention_heads=self.attention_heads,
+                    swiglu=self.swiglu).astype(jnp.float32)
     return 2.0 * jax.nn.sigmoid(out) - 1.0 if self.bounded else out
 
 
 def denoising_loss(denoise: Denoiser, targets: jax.Array, cond: jax.Array, rng: jax.Array, *,
                    repeats: int = 1, t_mean: float = diffusion.P_MEAN,
                    t_std: float = diffusion.P_STD, shift: float = 1.0,
-                   t_per_row: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   t_per_row: bool = False, row_weights: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """BitDance's clamped v-loss of `denoise` on clean `targets`.
 
   Args:
@@ -93,6 +106,8 @@ def denoising_loss(denoise: Denoiser, targets: jax.Array, cond: jax.Array, rng: 
     repeats: (t, eps) draws per target, stacked on the row axis.
     t_mean, t_std, shift: t = time_shift(sigmoid(t_mean + t_std N(0, 1)), shift).
     t_per_row: one t per row (a parallel head's block) instead of one per token.
+    row_weights: (n,) weights of the rows (0 leaves a padding row out): the loss and
+      metrics are then the weighted means over rows; None weighs every row 1.
   Returns:
     (float32 scalar loss, metrics): `x_mse` of the estimate and `bit_accuracy` (sign agrees
     with the target) at the drawn timesteps, for logging.
@@ -107,12 +122,26 @@ def denoising_loss(denoise: Denoiser, targets: jax.Array, cond: jax.Array, rng: 
   eps = jax.random.normal(eps_key, targets.shape, jnp.float32)
   z_t = diffusion.flow_interpolate(targets, eps, t[..., None])
   pred = denoise(z_t, t, cond)
-  loss = diffusion.x_prediction_velocity_loss(pred, targets, z_t, t[..., None])
+  if row_weights is None:
+    weights = None
+    loss = diffusion.x_prediction_velocity_loss(pred, targets, z_t, t[..., None])
+  else:
+    weights = jnp.broadcast_to(jnp.tile(jnp.asarray(row_weights, jnp.float32), repeats)[:, None],
+                               (n, m))
+    loss = diffusion.velocity_loss(diffusion.velocity(pred, z_t, t[..., None]),
+                                   diffusion.velocity(targets, z_t, t[..., None]), weights)
   pred, targets = jax.lax.stop_gradient(pred), jax.lax.stop_gradient(targets)
-  metrics = {'x_mse': jnp.mean(jnp.square(pred - targets)),
-             'bit_accuracy': jnp.mean((jnp.sign(pred) == jnp.sign(targets))
-                                      .astype(jnp.float32))}
+  agree = (jnp.sign(pred) == jnp.sign(targets)).astype(jnp.float32)
+  metrics = {'x_mse': _token_mean(jnp.square(pred - targets), weights),
+             'bit_accuracy': _token_mean(agree, weights)}
   return loss, metrics
+
+
+def _token_mean(x: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """x (n, m, d) -> its mean, or with weights (n, m) the weighted mean of its tokens."""
+  if weights is None:
+    return jnp.mean(x)
+  return jnp.sum(weights * jnp.mean(x, axis=-1)) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
 def cfg_scale_at(scale: float, position: jax.Array | int, num_positions: int,

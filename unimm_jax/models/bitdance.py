@@ -52,6 +52,7 @@ from unimm_jax.nn import initializers
 from unimm_jax.nn import kv_cache
 from unimm_jax.nn import masks
 from unimm_jax.nn.dtypes import compute_dtype
+from unimm_jax.nn.embeddings import patch_order
 from unimm_jax.nn.mlp import SwiGLU
 from unimm_jax.nn.norms import RMSNorm
 from unimm_jax.nn.rope import GridPositions, grid_positions, rope_2d_angles
@@ -142,12 +143,8 @@ class BitDanceConfig:
 
   def sequence_cells(self) -> np.ndarray:
     """(hw,) int: the row-major grid cell of each sequence position."""
-    h, w = self.grid
-    cells = np.arange(h * w).reshape(h, w)
-    if self.order == 'raster' or self.parallel == 1:
-      return cells.reshape(-1)
-    s = int(round(self.parallel ** 0.5))
-    return cells.reshape(h // s, s, w // s, s).transpose(0, 2, 1, 3).reshape(-1)
+    side = 1 if self.order == 'raster' else int(round(self.parallel ** 0.5))
+    return patch_order(*self.grid, side)
 
   def rope_angles(self) -> np.ndarray:
     """(sequence_length, head_dim // 2) float32: the module docstring's positions."""

@@ -2,7 +2,8 @@
 
 `modulation` is the zero-initialised projection of the condition, so every block starts as
 the identity (gate 0) and the final layer at a zero shift and scale (DiT, BitDance's heads);
-`AdaLNResBlock` is x + gate * SwiGLU(LayerNorm(x) * (1 + scale) + shift).
+`AdaLNResBlock` is x + gate * SwiGLU(LayerNorm(x) * (1 + scale) + shift) (or, with
+`swiglu=False`, a plain Linear-SiLU-Linear MLP in place of the SwiGLU).
 
 `adaln_mlp` / `AdaLNMLP` is the whole per-token denoiser of the SimpleMLPAdaLN family (MAR's
 diffusion loss, adapted by BitDance's `MlpEncoder` and Ming-UniVision's rectified-flow head):
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from unimm_jax.nn import initializers
 from unimm_jax.nn.attention import MultiHeadAttention
 from unimm_jax.nn.embeddings import TIME_FREQUENCY_DIM, TimestepEmbedder
-from unimm_jax.nn.mlp import SwiGLU
+from unimm_jax.nn.mlp import MLP, SwiGLU
 
 Dtype = Any
 
@@ -47,14 +48,18 @@ class AdaLNResBlock(nn.Module):
 
   hidden_dim: the SwiGLU's hidden width; None is 1.5 * width (BitDance's). mlp_bias: biases on
   its projections (Ming-UniVision's have them; the default is the library's bias-free one).
+  swiglu: False replaces the SwiGLU by fc2(silu(fc1(.))) with biases (BitDance's MLLM head,
+  flow_head_parallel_x.py `TransBlock` with use_swiglu False); mlp_bias is then unused.
   Params: norm {scale, bias}, mlp (`SwiGLU` fused layout: w1 (width, 2, hidden) gate then up,
-  [w1_bias (2, hidden)], w2 {kernel, [bias]}).
+  [w1_bias (2, hidden)], w2 {kernel, [bias]}; without swiglu, `MLP`: fc1 {kernel (width,
+  hidden), bias}, fc2 {kernel (hidden, width), bias}).
 
   Shapes: x, scale, shift, gate (b, m, width) -> (b, m, width).
   """
   dtype: Dtype = jnp.float32
   hidden_dim: int | None = None
   mlp_bias: bool = False
+  swiglu: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, scale: jax.Array, shift: jax.Array,
@@ -62,9 +67,9 @@ class AdaLNResBlock(nn.Module):
     h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, scale_init=initializers.ones('embed'),
                      bias_init=initializers.zeros('embed'), name='norm')(x)
     hidden = self.hidden_dim or int(1.5 * x.shape[-1])
-    h = SwiGLU(hidden, use_bias=self.mlp_bias, dtype=self.dtype, name='mlp')(
-        modulate(h, scale, shift))
-    return x + gate * h
+    mlp = (SwiGLU(hidden, use_bias=self.mlp_bias, dtype=self.dtype, name='mlp') if self.swiglu
+           else MLP(hidden, 'silu', dtype=self.dtype, name='mlp'))
+    return x + gate * mlp(modulate(h, scale, shift))
 
 
 class AdaLNTransformerBlock(nn.Module):
@@ -74,9 +79,9 @@ class AdaLNTransformerBlock(nn.Module):
     x = AdaLNResBlock(x, scale2, shift2, gate2)
 
   The attention is bidirectional over the m tokens of each row, without positions (a parallel
-  head's tokens know their place from their conditions), with biases on q, k, v and out.
-  Params: attention_norm {scale, bias}, attention {query, key, value, out (+ _bias)}, ffn
-  (an `AdaLNResBlock`).
+  head's tokens know their place from their conditions) or q/k norms, with biases on q, k, v
+  and out. Params: attention_norm {scale, bias}, attention {query, key, value, out (+ _bias)},
+  ffn (an `AdaLNResBlock`; `swiglu` as there).
 
   Shapes: x (b, m, width); modulations: six (b, m, width) (scale1, shift1, gate1, scale2,
   shift2, gate2) -> (b, m, width).
@@ -85,6 +90,7 @@ class AdaLNTransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   hidden_dim: int | None = None
   mlp_bias: bool = True
+  swiglu: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, modulations: list[jax.Array]) -> jax.Array:
@@ -94,7 +100,7 @@ class AdaLNTransformerBlock(nn.Module):
     h = MultiHeadAttention(self.num_heads, qkv_bias=True, out_bias=True, rope=None,
                            dtype=self.dtype, name='attention')(modulate(h, scale1, shift1))
     x = x + gate1 * h
-    return AdaLNResBlock(self.dtype, self.hidden_dim, self.mlp_bias, name='ffn')(
+    return AdaLNResBlock(self.dtype, self.hidden_dim, self.mlp_bias, self.swiglu, name='ffn')(
         x, scale2, shift2, gate2)
 
 
@@ -110,7 +116,8 @@ def _xavier_dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
 def adaln_mlp(x: jax.Array, t: jax.Array, cond: jax.Array, *, width: int, depth: int,
               out_features: int, dtype: Dtype, adaln_blocks: int | None = None,
               hidden_dim: int | None = None, mlp_bias: bool = False,
-              frequency_dim: int = TIME_FREQUENCY_DIM, attention_heads: int = 0) -> jax.Array:
+              frequency_dim: int = TIME_FREQUENCY_DIM, attention_heads: int = 0,
+              swiglu: bool = True) -> jax.Array:
   """The SimpleMLPAdaLN denoiser (module docstring), created on the calling module: call it
   from a compact method.
 
@@ -125,7 +132,8 @@ def adaln_mlp(x: jax.Array, t: jax.Array, cond: jax.Array, *, width: int, depth:
 
   attention_heads: 0 for per-token blocks (`AdaLNResBlock`, 3 modulations each); > 0 for
   `AdaLNTransformerBlock`s with that many heads (6 modulations), where the m tokens of a row
-  attend to each other.
+  attend to each other. swiglu: False gives every block a Linear-SiLU-Linear MLP instead of
+  its SwiGLU (`AdaLNResBlock`).
 
   Params: input_proj, time_embed {time_in, time_out}, cond_embed, adaln_{k}, res_blocks_{i},
   final_adaln, final_linear (each {kernel, bias}).
@@ -141,10 +149,10 @@ def adaln_mlp(x: jax.Array, t: jax.Array, cond: jax.Array, *, width: int, depth:
     if i % per_adaln == 0:  # zero-initialised: every block starts as the identity
       mods = modulation(y, 6 if attention_heads else 3, f'adaln_{i // per_adaln}', dtype)
     if attention_heads:
-      h = AdaLNTransformerBlock(attention_heads, dtype, hidden_dim, mlp_bias,
+      h = AdaLNTransformerBlock(attention_heads, dtype, hidden_dim, mlp_bias, swiglu,
                                 name=f'res_blocks_{i}')(h, mods)
     else:
-      h = AdaLNResBlock(dtype, hidden_dim, mlp_bias, name=f'res_blocks_{i}')(h, *mods)
+      h = AdaLNResBlock(dtype, hidden_dim, mlp_bias, swiglu, name=f'res_blocks_{i}')(h, *mods)
   scale, shift = modulation(y, 2, 'final_adaln', dtype)
   h = modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype,
                             name='final_norm')(h), scale, shift)
@@ -164,6 +172,7 @@ class AdaLNMLP(nn.Module):
   mlp_bias: bool = False
   frequency_dim: int = TIME_FREQUENCY_DIM
   attention_heads: int = 0
+  swiglu: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -172,4 +181,4 @@ class AdaLNMLP(nn.Module):
                      out_features=self.out_features, dtype=self.dtype,
                      adaln_blocks=self.adaln_blocks, hidden_dim=self.hidden_dim,
                      mlp_bias=self.mlp_bias, frequency_dim=self.frequency_dim,
-                     attention_heads=self.attention_heads)
+                     attention_heads=self.attention_heads, swiglu=self.swiglu)

@@ -1,7 +1,8 @@
 """Fixed and learned embeddings of scalars and positions: diffusion timesteps, 2D sin-cos.
 
 `timestep_embedding` is BitDance's (and DiT's) sinusoid of 1000 t; `TimestepEmbedder` follows
-it with the two-layer MLP of their heads; `sincos_2d_embedding` embeds grid positions.
+it with the two-layer MLP of their heads; `sincos_2d_embedding` embeds grid positions, and
+`sincos_2d` a whole grid in BitDance's MLLM patch order (`patch_order`).
 """
 from typing import Any
 
@@ -58,3 +59,30 @@ def sincos_2d_embedding(positions: np.ndarray, dim: int) -> np.ndarray:
     args = positions[:, axis:axis + 1].astype(np.float64) * omega[None]
     parts += [np.sin(args), np.cos(args)]
   return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def patch_order(h: int, w: int, side: int) -> np.ndarray:
+  """(hw,) int: the row-major cell of each sequence position of an (h, w) grid cut into
+  side x side patches in raster order, each patch in raster order (BitDance's '(h p1)
+  (w p2) -> (h w p1 p2)', one parallel block per patch); side 1 is raster order."""
+  if h % side or w % side:
+    raise ValueError(f'grid {h}x{w} is not a whole number of {side}x{side} patches')
+  cells = np.arange(h * w).reshape(h // side, side, w // side, side)
+  return cells.transpose(0, 2, 1, 3).reshape(-1)
+
+
+def sincos_2d(h: int, w: int, dim: int, patch_side: int = 1) -> np.ndarray:
+  """BitDance MLLM's position embedding of an h x w token grid (their MLLModel's
+  get_2d_embed(h, w, ps) for LLM width `dim`), added to the image tokens at the LLM input and
+  to the hidden states that condition the diffusion head.
+
+  Each token is `sincos_2d_embedding` of (column, row): [sin, cos] of the column (x) in the
+  first dim / 2 channels, then of the row (y), frequencies 10000^(-k / (dim / 4)). Tokens are
+  in their generation order, `patch_order(h, w, patch_side)`.
+
+  Shapes: -> (h * w, dim) float32 numpy (trace-time constant).
+  """
+  if dim % 4:
+    raise ValueError(f'dim={dim} must be a multiple of 4 (sin and cos per axis)')
+  cells = patch_order(h, w, patch_side)
+  return sincos_2d_embedding(np.stack([cells % w, cells // w], axis=1), dim)

@@ -109,15 +109,18 @@ class MLP(nn.Module):
 class Projector(nn.Module):
   """Features of another network (..., in) -> the LLM's width (..., out): fc2(gelu(fc1(x))),
   exact (erf) GELU as torch's nn.GELU() (LLaVA's `mlp2x_gelu`: UniToken's ViT adapter,
-  EvoTok's projectors). Params fc1 {kernel (in, hidden), bias}, fc2 {kernel, bias}."""
+  EvoTok's projectors). approximate_gelu: the tanh approximation instead (transformers'
+  'gelu_pytorch_tanh': BitDance's MLLM `MLPconnector`, bits -> LLM width, hidden = out).
+  Params fc1 {kernel (in, hidden), bias}, fc2 {kernel, bias}."""
   hidden: int
   out: int
   dtype: Dtype = jnp.float32
+  approximate_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = Projection((self.hidden,), ('embed', 'mlp'), use_bias=True, dtype=self.dtype,
                    name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
+    x = nn.gelu(x, approximate=self.approximate_gelu)
     return Projection((self.out,), ('mlp', 'embed'), use_bias=True, dtype=self.dtype,
                       name='fc2')(x)
