@@ -34,10 +34,19 @@ system turn) is F = D^2 continuous slots and nothing else; an image it writes (a
 turn) is [BOI] {D^2 code slots, row-major} [EOI], whose codes a generation head predicts
 rather than the LM head (the system says so: `UnifiedSystem.codes_in_vocabulary`).
 
+'blocks' (BitDance's MLLM, which writes an image P tokens at a time): an image it reads is
+[BOI] [size] [size] {D^2 continuous slots} [EOI]; an image it writes is
+[BOI] [size] [size] {P - 1 query tokens} {D^2 code slots} [EOI]. size = size_base + D (the
+image's tokens per side: their <res_k> token, k units of `size_unit` pixels); query i has id
+`ids.query_base` + i - 1 (P - 1 = `slots.queries`). The slots hold the image's codes in the
+order the system generates them (their patch order). The sizes and queries are never
+targets: a generation prompt supplies them (`image_opening`).
+
 Supervision (`supervised[t]`: token t is a target): user and system turns never; an
 assistant turn's text, image span and [EOS] are; inside an image span [BOI], size, code,
 [EOR] and [EOI] only in an assistant turn (generation), [SEP] always, the continuous
-slots and their [EOR]s never (the authors' labels). The role prefixes are not.
+slots and their [EOR]s never (the authors' labels); in 'blocks' [BOI], the code slots and
+[EOI] of a written image. The role prefixes are not.
 
 Pixels. The discrete branch sees the image scaled (bicubic) so its short side is
 `image_size`, then its central square: the authors' center_crop at the centre instead of
@@ -73,7 +82,9 @@ def role_prefix(role: str, template: str = 'plain') -> str:
   return f'<|im_start|>{role}\n' if template == 'chatml' else f'<{role}>'
 
 
-LAYOUTS = ('rows', 'plain')
+LAYOUTS = ('rows', 'plain', 'blocks')
+# Layouts whose images are D^2 slots of one kind (no ViT tiles, no rows).
+FLAT_LAYOUTS = ('plain', 'blocks')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +93,12 @@ class ImageSlots:
 
   image_size: square side in pixels given to the discrete tokenizer.
   discrete_side: D, codes per side (image_size // downsample); None: no discrete branch.
-  size_unit: pixels per size-token unit (Chameleon: 32; 'plain' has no size tokens).
+  size_unit: pixels per size-token unit (Chameleon: 32; 'blocks': the tokenizer's
+    downsampling, so the size token counts tokens; 'plain' has no size tokens).
   anyres: the continuous branch's tiling; None: no continuous branch.
-  layout: 'rows' or 'plain' (module docstring); 'plain' needs discrete_side and no anyres
-    (its continuous slots are the D^2 tokens of the image).
+  layout: 'rows', 'plain' or 'blocks' (module docstring); 'plain' and 'blocks' need
+    discrete_side and no anyres (their continuous slots are the D^2 tokens of the image).
+  queries: P - 1 query tokens before a written image's codes ('blocks' only).
   """
 
   image_size: int
@@ -93,12 +106,16 @@ class ImageSlots:
   size_unit: int
   anyres: AnyRes | None
   layout: str = 'rows'
+  queries: int = 0
 
   def __post_init__(self):
     if self.layout not in LAYOUTS:
       raise ValueError(f'ImageSlots: layout {self.layout!r} is not one of {LAYOUTS}')
-    if self.layout == 'plain' and (self.discrete_side is None or self.anyres is not None):
-      raise ValueError('ImageSlots: the plain layout needs a discrete_side and no anyres')
+    if self.layout in FLAT_LAYOUTS and (self.discrete_side is None or self.anyres is not None):
+      raise ValueError(f'ImageSlots: the {self.layout} layout needs a discrete_side and no '
+                       'anyres')
+    if self.queries and self.layout != 'blocks' or self.queries < 0:
+      raise ValueError(f'ImageSlots: queries={self.queries} needs the blocks layout and >= 0')
     if self.image_size <= 0 or self.size_unit <= 0 or self.image_size % self.size_unit:
       raise ValueError(f'ImageSlots: image_size {self.image_size} must be a positive multiple '
                        f'of size_unit {self.size_unit}')
@@ -116,7 +133,7 @@ class ImageSlots:
   @property
   def features_per_image(self) -> int:
     """F continuous feature rows per image (plain: D^2; 0 without anyres)."""
-    if self.layout == 'plain':
+    if self.layout in FLAT_LAYOUTS:
       return self.codes_per_image
     return 0 if self.anyres is None else self.anyres.features_per_image
 
@@ -130,9 +147,10 @@ class ImageSlots:
 class SpecialIds:
   """The ids of the image layout and of turns (Chameleon's at paper size: pad 0, bos 0,
   eos 8710, boi 8197, eoi 8196, sep 8198, eor 8803, size_base 8804, image_offset 4,
-  num_image_codes 8192). Code c has id image_offset + c; size n has id size_base + n.
+  num_image_codes 8192). Code c has id image_offset + c; size n has id size_base + n;
+  query i (1-based, 'blocks') has id query_base + i - 1.
   The 'plain' layout uses none of sep, eor, size_base and image codes (None, 0): its codes
-  are not vocabulary ids."""
+  are not vocabulary ids; 'blocks' uses size_base and query_base."""
 
   pad: int
   bos: int
@@ -144,6 +162,7 @@ class SpecialIds:
   size_base: int | None = None
   image_offset: int | None = None
   num_image_codes: int = 0
+  query_base: int | None = None
 
   def size_token(self, units: int) -> int:
     return self.size_base + units
@@ -154,13 +173,18 @@ class SpecialIds:
              for name in ('boi', 'eoi', 'sep', 'eor') if getattr(self, name) is not None}
     if self.num_image_codes:
       named['image codes'] = range(self.image_offset, self.image_offset + self.num_image_codes)
-    if slots is not None and slots.layout == 'rows' and self.size_base is not None:
+    if slots is not None and slots.layout != 'plain' and self.size_base is not None:
       size = self.size_token(slots.size_units)
       named['size token'] = range(size, size + 1)
+    if slots is not None and slots.queries and self.query_base is not None:
+      named['query tokens'] = range(self.query_base, self.query_base + slots.queries)
     return named
 
   def missing_for(self, slots: ImageSlots) -> list[str]:
     """The fields `slots`' layout needs that are None (or 0 image codes)."""
+    if slots.layout == 'blocks':
+      needed = ['size_base'] + (['query_base'] if slots.queries else [])
+      return [name for name in needed if getattr(self, name) is None]
     if slots.layout != 'rows':
       return []
     needed = ['size_base'] + (['eor'] if slots.discrete_side else []) + (
@@ -319,11 +343,39 @@ def _add_plain_image(out: _Builder, j: int, ids: SpecialIds, slots: ImageSlots,
     out.add([ids.pad] * n, False, continuous=range(j * n, (j + 1) * n))
 
 
+def image_opening(ids: SpecialIds, slots: ImageSlots) -> list[int]:
+  """The ids that open an image the model writes, up to its first code (what a generation
+  prompt ends with): [BOI]; in 'blocks' also the size twice and the P - 1 queries."""
+  if slots.layout != 'blocks':
+    return [ids.boi]
+  size = ids.size_token(slots.size_units)
+  queries = range(ids.query_base, ids.query_base + slots.queries) if slots.queries else []
+  return [ids.boi, size, size] + list(queries)
+
+
+def _add_blocks_image(out: _Builder, j: int, ids: SpecialIds, slots: ImageSlots,
+                      in_answer: bool) -> None:
+  """Appends image j in the blocks layout (module docstring)."""
+  n, opening = slots.codes_per_image, image_opening(ids, slots)
+  if in_answer:
+    out.add(opening[:1], True)
+    out.add(opening[1:], False)
+    out.add([ids.pad] * n, True, discrete=range(j * n, (j + 1) * n))
+    out.add([ids.eoi], True)
+  else:
+    out.add(opening[:3], False)
+    out.add([ids.pad] * n, False, continuous=range(j * n, (j + 1) * n))
+    out.add([ids.eoi], False)
+
+
 def _add_image(out: _Builder, image: np.ndarray, j: int, ids: SpecialIds, slots: ImageSlots,
                in_answer: bool) -> None:
   """Appends the span of image j (module docstring)."""
   if slots.layout == 'plain':
     _add_plain_image(out, j, ids, slots, in_answer)
+    return
+  if slots.layout == 'blocks':
+    _add_blocks_image(out, j, ids, slots, in_answer)
     return
   out.add([ids.boi] + [ids.size_token(slots.size_units)] * 2, in_answer)
   side = slots.discrete_side
@@ -425,20 +477,21 @@ def encode_conversation(record: dict, tokenizer, ids: SpecialIds, slots: ImageSl
   if generation_prompt is not None:
     out.add(tokenizer.encode(role_prefix('assistant', template)), False)
     if generation_prompt == 'image':
-      out.add([ids.boi], False)
+      out.add(image_opening(ids, slots), False)
   meta = {**record.get('meta', {}), 'kind': record['kind'], 'image_wh': sizes}
   return _finish(out, images, tiles, slots, meta)
 
 
 def unconditional_image_prompt(ids: SpecialIds, slots: ImageSlots | None = None
                                ) -> EncodedSequence:
-  """[BOI] alone: what the classifier-free-guidance stream sees (only tokens from BOI on).
+  """[BOI] alone ('blocks': the whole `image_opening`): what the classifier-free-guidance
+  stream sees (only tokens from BOI on).
 
   With `slots` its empty image arrays have the config's trailing shapes, so it collates
   with the conditional prompts' layout.
   """
   out = _Builder()
-  out.add([ids.boi], False)
+  out.add([ids.boi] if slots is None else image_opening(ids, slots), False)
   return _finish(out, [], [], slots, {'kind': 'generation', 'image_wh': []})
 
 

@@ -16,7 +16,13 @@ to every stream:
       next_embeds  (b, hidden_size) what every stream reads next
       done         (b,) bool, this row has finished (after this output)
 
-The loop stops after `max_new` outputs or when every row is done. The caller owns what a
+With `block` = P > 1 (a system that writes P outputs at once, BitDance's parallel head) a
+step reads the last P hidden states of each stream, `hidden` (b, P, hidden_size), and feeds
+P embeddings, `next_embeds` (b, P, hidden_size), that see each other (bidirectional inside
+the block, causal to everything before); the prompt's last P tokens are such a block too
+(BitDance's [res_w] and P - 1 queries). `token` stays one (b,) value per step.
+
+The loop stops after `max_new` steps or when every row is done. The caller owns what a
 token means (a vocabulary id, or an index into a state that holds continuous latents) and
 how logits are formed (CFG, grammar masks, a flow head), so the loop has no branch on a
 model or a system. Prompts are LEFT-padded: every row ends at the same slot, and RoPE
@@ -28,21 +34,33 @@ import jax
 import jax.numpy as jnp
 
 from unimm_jax.models import llm
+from unimm_jax.nn import masks
 
 StepFn = Callable[[list, Any, jax.Array, jax.Array], tuple]
 
 
 def _prefill(model: llm.LLM, params, embeds: jax.Array, mask: jax.Array,
-             cache: llm.KVCache) -> tuple[jax.Array, llm.KVCache]:
-  """Writes a stream's embeddings into its cache; returns the last hidden state (b, d)."""
+             cache: llm.KVCache, block: int, spec: masks.MaskSpec | None = None
+             ) -> tuple[jax.Array, llm.KVCache]:
+  """Writes a stream's embeddings (b, s, d) into its cache under `spec` (orders relative to
+  the cache's first new slot), by default causal with the last `block` of them one
+  bidirectional block; returns the last hidden state (b, d), or the last `block`
+  (b, block, d) when block > 1."""
+  b, s = embeds.shape[:2]
+  if spec is None:
+    order = jnp.minimum(jnp.arange(s, dtype=jnp.int32), s - block)
+    spec = masks.MaskSpec(jnp.broadcast_to(order, (b, s)))
   hidden, cache = model.apply({'params': params}, inputs_embeds=embeds, attention_mask=mask,
+                              mask=masks.MaskSpec(cache.index + spec.order),
                               cache=cache, method=llm.LLM.hidden_states)
-  return hidden[:, -1], cache
+  return (hidden[:, -1] if block == 1 else hidden[:, -block:]), cache
 
 
 def run(model: llm.LLM, params, streams: Sequence[tuple[jax.Array, jax.Array]],
         step_fn: StepFn, state: Any, rng: jax.Array, *, max_new: int,
-        pad_id: jax.Array | int = 0) -> tuple[jax.Array, Any]:
+        pad_id: jax.Array | int = 0, block: int = 1,
+        prompt_masks: Sequence[masks.MaskSpec | None] | None = None
+        ) -> tuple[jax.Array, Any]:
   """Generates up to `max_new` outputs per row (trace it inside `jax.jit`).
 
   Args:
@@ -52,22 +70,30 @@ def run(model: llm.LLM, params, streams: Sequence[tuple[jax.Array, jax.Array]],
     step_fn: see the module docstring.
     state: step_fn's initial state.
     rng: root key; step i uses `fold_in(rng, i)`.
-    max_new: outputs per row (static).
+    max_new: outputs (steps) per row (static).
     pad_id: written in place of outputs after a row is done.
+    block: embeddings fed per step (static; module docstring).
+    prompt_masks: per stream, the mask its prompt was trained under (a system's
+      `attention(batch)`, e.g. bidirectional blocks inside earlier generated images), or
+      None: causal with the last `block` tokens one block.
   Returns:
     (outputs (b, max_new) int32, final state).
   """
+  if block < 1 or any(embeds.shape[1] < block for embeds, _ in streams):
+    raise ValueError(f'block={block} must be >= 1 and no longer than every prompt')
   batch = streams[0][0].shape[0]
-  # The last output is never fed back, so the caches need max_new - 1 slots after the prompt.
-  caches = [llm.init_cache(model.config, batch, embeds.shape[1] + max_new - 1)
+  # The last output is never fed back, so the caches need (max_new - 1) blocks after the
+  # prompt.
+  caches = [llm.init_cache(model.config, batch, embeds.shape[1] + (max_new - 1) * block)
             for embeds, _ in streams]
-  prefilled = [_prefill(model, params, embeds, mask, cache)
-               for (embeds, mask), cache in zip(streams, caches)]
+  prompt_masks = prompt_masks or [None] * len(streams)
+  prefilled = [_prefill(model, params, embeds, mask, cache, block, spec)
+               for (embeds, mask), cache, spec in zip(streams, caches, prompt_masks)]
   hidden, caches = [h for h, _ in prefilled], [c for _, c in prefilled]
   token, embeds, state, done = step_fn(hidden, state, jax.random.fold_in(rng, 0),
                                        jnp.zeros((), jnp.int32))
   outputs = jnp.full((batch, max_new), pad_id, jnp.int32).at[:, 0].set(token)
-  ones = jnp.ones((batch, 1), bool)
+  ones = jnp.ones((batch, block), bool)
 
   def cond(carry):
     step, _, _, _, _, done = carry
@@ -75,7 +101,8 @@ def run(model: llm.LLM, params, streams: Sequence[tuple[jax.Array, jax.Array]],
 
   def body(carry):
     step, caches, embeds, state, outputs, done = carry
-    fed = [_prefill(model, params, embeds[:, None], ones, cache) for cache in caches]
+    fed = [_prefill(model, params, embeds[:, None] if block == 1 else embeds, ones, cache,
+                    block) for cache in caches]
     hidden, caches = [h for h, _ in fed], [c for _, c in fed]
     token, embeds, state, now_done = step_fn(hidden, state, jax.random.fold_in(rng, step), step)
     # Finished rows keep decoding their own samples; only what is written is replaced.

@@ -66,7 +66,8 @@ class MLLMRunner:
     step_fn, state = self.system.answer_step(params)
     outputs, _ = generation_loop.run(
         self.system.llm, params['llm'], [(embedded.embeds, batch['attention_mask'])], step_fn,
-        state, jax.random.key(0), max_new=self.max_answer_tokens, pad_id=self.system.ids.pad)
+        state, jax.random.key(0), max_new=self.max_answer_tokens, pad_id=self.system.ids.pad,
+        prompt_masks=[self.system.attention(batch)])
     return outputs
 
   def answer(self, params, frozen, records: Sequence[dict]) -> list[str]:
@@ -90,13 +91,17 @@ class MLLMRunner:
                 temperature: float, top_k: int | None, top_p: float | None):
     """(images (b, H, W, 3), the final step state) for the conditional `batch` and the
     guidance streams' batches `others` (a tuple, possibly empty)."""
+    batches = (batch,) + tuple(others)
     streams = [(self.system.embed(params, frozen, b, train=False, rng=None).embeds,
-                b['attention_mask']) for b in (batch,) + tuple(others)]
+                b['attention_mask']) for b in batches]
     step_fn, state, n = self.system.image_step(
         params, frozen, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
         batch_size=batch['tokens'].shape[0])
     outputs, state = generation_loop.run(self.system.llm, params['llm'], streams, step_fn,
-                                         state, rng, max_new=n, pad_id=self.system.ids.pad)
+                                         state, rng, max_new=n, pad_id=self.system.ids.pad,
+                                         block=self.system.generation_block,
+                                         prompt_masks=[self.system.attention(b)
+                                                       for b in batches])
     return self.system.render(params, frozen, outputs, state), state
 
   def generate(self, params, frozen, prompts: Sequence[str], *, cfg_scale: float = 1.0,

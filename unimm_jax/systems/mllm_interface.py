@@ -87,14 +87,22 @@ def shift_left(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
 
 
-def slot_predictors(batch: dict, most: int) -> tuple[jax.Array, jax.Array]:
-  """The supervised positions whose next token is a generation slot, where a generation
-  head reads the hidden state: (order (b, most) int, those positions first and in order
-  (a stable sort), valid (b, most) float32, 1 on them). `most` bounds them per row (the
-  row's images times the slots per image), so a head runs on those positions only."""
-  predicts = (shift_left(batch['discrete_index']) >= 0) & (batch['loss_mask'] > 0)
+def slot_predictors(batch: dict, most: int, lead: int = 1) -> tuple[jax.Array, jax.Array]:
+  """The positions whose token `lead` places on is a generation slot, where a generation
+  head reads the hidden state (lead 1: the next token; BitDance's blocks: P): (order
+  (b, most) int, those positions first and in order (a stable sort), valid (b, most)
+  float32, 1 on them). `most` bounds them per row (the row's images times the slots per
+  image), so a head runs on those positions only. A slot is a target only where the data
+  supervises it (the loss mask one position before it)."""
+  targets = (batch['discrete_index'] >= 0) & (shift_right(batch['loss_mask']) > 0)
+  predicts = jnp.concatenate([targets[:, lead:], jnp.zeros_like(targets[:, :lead])], axis=1)
   order = jnp.argsort((~predicts).astype(jnp.int32), axis=1, stable=True)[:, :most]
   return order, jnp.take_along_axis(predicts, order, axis=1).astype(jnp.float32)
+
+
+def shift_right(x: jax.Array) -> jax.Array:
+  """(b, L, ...) -> (b, L, ...): row t holds row t - 1 (row 0 is zeros)."""
+  return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
 
 
 def take_slots(values: jax.Array, index: jax.Array) -> jax.Array:
@@ -114,6 +122,8 @@ class UnifiedSystem(abc.ABC):
   ids: SpecialIds
   image_slots: ImageSlots
   codes_in_vocabulary: bool = True
+  # Outputs an image step writes at once (`generation_loop.run`'s block): BitDance's P.
+  generation_block: int = 1
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -184,8 +194,10 @@ class UnifiedSystem(abc.ABC):
   def image_step(self, params: dict, frozen: dict, *, cfg_scale: float, temperature: float,
                  top_k: int | None, top_p: float | None,
                  batch_size: int) -> tuple[Any, Any, int]:
-    """(step_fn, initial state, outputs per image) for image generation; with a CFG scale
-    other than 1 the step reads two streams (conditional, unconditional)."""
+    """(step_fn, initial state, loop steps per image) for image generation (each step
+    writes `generation_block` tokens); with a CFG scale other than 1 the step reads two
+    streams (conditional, unconditional), three when editing (+ the stream that keeps the
+    images and drops the round's instruction, before the unconditional one)."""
 
   @abc.abstractmethod
   def render(self, params: dict, frozen: dict, outputs: jax.Array, state: Any) -> jax.Array:

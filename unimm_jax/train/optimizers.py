@@ -1,7 +1,7 @@
 """Optimisers from `config.optim`, with parameter groups.
 
-`config.optim` fields: name ('adam' | 'adamw' | 'sgd'), lr, b1, b2 (Adam), weight_decay
-(adamw), schedule ('constant' | 'cosine'), warmup_steps, grad_clip (global norm; 0 = off),
+`config.optim` fields: name ('adam' | 'adamw' | 'sgd'), lr, b1, b2, eps (Adam; 1e-8 when
+absent), weight_decay (adamw), schedule ('constant' | 'cosine'), warmup_steps, grad_clip (global norm; 0 = off),
 and `groups`: named parameter groups, each
 
   config.optim.groups.<name> = dict(pattern=REGEX, lr_mult=1.0, weight_decay=None,
@@ -112,8 +112,8 @@ class Optimizer:
     if o.name == "sgd":
       return optax.sgd(lr)
     if o.name == "adam":
-      return optax.adam(lr, b1=o.b1, b2=o.b2)
-    return optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=weight_decay)
+      return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8))
+    return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8), weight_decay=weight_decay)
 
   def _transformation(self) -> optax.GradientTransformation:
     o = self.config

@@ -5,7 +5,8 @@ A step embeds the packed batch's text, lets the system fill its image slots
 packed example by default), and adds, each weighted by config.loss[name]:
   ce       next-token cross entropy over supervised positions (answers and end-of-turn ids,
            and for generation examples the image's BOI, size, code, EOR and EOI tokens; the
-           data's loss_mask), always weight 1;
+           data's loss_mask), weight config.loss.ce (1 when absent; BitDance's MLLM
+           weights text 0.01 against its image term's 1);
   z_loss   logsumexp(logits)^2 over the same positions (Chameleon's z-loss);
   <the system's generation terms>  e.g. a flow or bit-diffusion head on hidden states.
 Metrics split the CE into text targets and image-code targets.
@@ -194,8 +195,8 @@ class MLLMTask:
     def loss_fn(params):
       params, _ = self.optimizer.stop_frozen((params, None))
       terms, stats = self._terms(params, frozen, batch, rng, train=True)
-      loss = terms["ce"] + sum(self.config.loss[name] * value
-                               for name, value in terms.items() if name != "ce")
+      loss = self.config.loss.get("ce", 1.0) * terms["ce"] + sum(
+          self.config.loss[name] * value for name, value in terms.items() if name != "ce")
       return loss, (terms, stats)
 
     (loss, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
