@@ -49,16 +49,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
       tokenizer_path="",
   ))
   config.vq = config_defaults.load_config("configs/mingtok.py:tiny").model
-  config.model = ml_collections.ConfigDict(dict(
-      vocab_size=0,  # set from config.tokens for the scene words
-      hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4, num_kv_heads=2,
-      head_dim=0, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=False, qk_norm="",
-      tie_word_embeddings=False, dtype="float32", scan_layers=False, remat=False,
-      attention_impl="xla",
-      init_path="",  # a transformers directory the LLM of a fresh run starts from
-      # Mixture of experts (unimm_jax/nn/moe.py); 0 experts = a dense LLM.
-      num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, num_shared_experts=0,
-      first_k_dense_replace=0, norm_topk_prob=True, num_routers=1, moe_dispatch="dense"))
+  config.model = config_defaults.scene_llm()
   # The per-token rectified-flow head (models/flow_head.py): t = 1 is noise; training t
   # logit-normal (mean 0.8, std 0.8: ours, the authors released no training code).
   config.flow_head = ml_collections.ConfigDict(dict(

@@ -6,6 +6,8 @@ Variants, chosen by the text after the colon:
   configs/uniwetok.py:scene_classes  the BitDance class-to-image demo's tokenizer
                               (configs/bitdance.py:demo): 32 px built-in scene classes, 8 x 8
                               tokens of 8 x 4 bits, ~5 min on 2 CPU cores.
+  configs/uniwetok.py:scenes  the same model on the built-in multi-object scenes: the
+                              BitDance MLLM demo's tokenizer (configs/bitdance_mllm.py:demo).
   configs/uniwetok.py:paper   the appendix configuration (Tables 14-33): 256 px, channel 128,
                               mult [1,1,2,2,4,8], 2 res blocks, 16 attention blocks, 16 x 8 bits,
                               Adam 1e-4 betas (0.5, 0.9), EMA, batch 128.
@@ -149,6 +151,16 @@ def _scene_classes(config):
   config.train.update(dict(image_every=400, checkpoint_every=400, eval_every=400))
 
 
+def _scenes(config):
+  """The BitDance MLLM demo's tokenizer: `scene_classes`' model (32 px, 8 x 8 tokens of
+  8 x 4 bits) on the built-in multi-object scenes the MLLM answers about, draws and edits,
+  1500 steps (the scenes hold up to three objects, so more than the classes' 800)."""
+  _scene_classes(config)
+  config.data.source = "scenes"
+  config.train.steps = 1500
+  config.train.update(dict(image_every=500, checkpoint_every=500, eval_every=500))
+
+
 def _tiny(config):
   config.loss.perceptual = 0.0
   config.loss.gan = 0.0
@@ -270,7 +282,8 @@ def _apply_table_setting(config: ml_collections.ConfigDict, appendix_table: int)
     config.train.batch_size = batch
 
 
-_VARIANTS = {"paper": _paper, "demo": _demo, "scene_classes": _scene_classes, "tiny": _tiny,
+_VARIANTS = {"paper": _paper, "demo": _demo, "scene_classes": _scene_classes,
+             "scenes": _scenes, "tiny": _tiny,
              "gan": _gan, "stage1": _stage1, "stage2": _stage2, "stage3": _stage3,
              **{name: (lambda config, t=t: _apply_table_setting(config, t))
                 for name, t in TABLE_ROWS.items()}}

@@ -16,6 +16,11 @@
 #     normalisation measured by --mode=eval, then the MLLM (configs/ming_univision.py:demo)
 #     that answers, draws with its per-token flow head and edits in context; ends with a
 #     two-round edit of a held-out scene (--mode=edit).
+#   bash launch/demo.sh bitdance_mllm [WORKDIR] [extra --config.* overrides for the MLLM]
+#     BitDance's unified MLLM on UniWeTok's binary tokens: a 32 px UniWeTok
+#     (configs/uniwetok.py:scenes) on the scenes, then the MLLM (configs/bitdance_mllm.py:demo)
+#     that reads images as bits, writes them 4 tokens at a time with its parallel binary
+#     diffusion head and edits in context; ends with a two-round edit (--mode=edit).
 #   bash launch/demo.sh bitdance [WORKDIR] [extra --config.* overrides for the generator]
 #     BitDance class-to-image on UniWeTok's binary codes: a 32 px UniWeTok
 #     (configs/uniwetok.py:scene_classes) on the built-in scene classes (28 = colour x shape),
@@ -31,7 +36,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 DEMO="unified"
-if [[ "${1:-}" =~ ^(uniwetok|mingtok|unified|evotok|ming_univision|bitdance)$ ]]; then
+if [[ "${1:-}" =~ ^(uniwetok|mingtok|unified|evotok|ming_univision|bitdance|bitdance_mllm)$ ]]; then
   DEMO="$1"
   shift
 fi
@@ -79,6 +84,9 @@ if [[ "$DEMO" == "evotok" ]]; then
 elif [[ "$DEMO" == "ming_univision" ]]; then
   WORKDIR="${1:-$REPO/workdir_demo_ming_univision}"
   TOKENIZER_CONFIG="configs/mingtok.py:scenes" MLLM_CONFIG="configs/ming_univision.py:demo"
+elif [[ "$DEMO" == "bitdance_mllm" ]]; then
+  WORKDIR="${1:-$REPO/workdir_demo_bitdance_mllm}"
+  TOKENIZER_CONFIG="configs/uniwetok.py:scenes" MLLM_CONFIG="configs/bitdance_mllm.py:demo"
 else
   WORKDIR="${1:-$REPO/workdir_demo}"
   TOKENIZER_CONFIG="configs/chameleon_vqgan.py:demo" MLLM_CONFIG="configs/unitoken.py:demo"
@@ -109,7 +117,7 @@ python -m unimm_jax.main --mode=chat --workdir="$WORKDIR/mllm" \
     --image="$WORKDIR/heldout_scene.png" --prompt="How many objects are there?"
 python -m unimm_jax.main --mode=generate --workdir="$WORKDIR/mllm" \
     --prompt="a red circle on the left" --output="$WORKDIR/generated" --num_images=8
-if [[ "$DEMO" == "ming_univision" ]]; then
+if [[ "$DEMO" == "ming_univision" || "$DEMO" == "bitdance_mllm" ]]; then
   python -m unimm_jax.data.scene_edits --output="$WORKDIR/edit_example" --edits=2 --size=32
   mapfile -t INSTRUCTIONS < "$WORKDIR/edit_example/instructions.txt"
   python -m unimm_jax.main --mode=edit --workdir="$WORKDIR/mllm" \

@@ -97,6 +97,25 @@ def set_mllm_schedule(config: ml_collections.ConfigDict) -> None:
       max_answer_tokens=6))
 
 
+def scene_llm(**overrides) -> ml_collections.ConfigDict:
+  """config.model of a unified system's built-in-scene variants: a dense 4-layer LLM 128
+  wide (`models.llm.config_from_fields`), vocab_size set from config.tokens; `overrides`
+  change fields (e.g. qk_norm='rms' for a Qwen3-style LLM)."""
+  fields = dict(
+      vocab_size=0, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+      num_kv_heads=2, head_dim=0, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=False,
+      qk_norm="", tie_word_embeddings=False, dtype="float32", scan_layers=False, remat=False,
+      attention_impl="xla",
+      init_path="",  # a transformers directory the LLM of a fresh run starts from
+      # Mixture of experts (unimm_jax/nn/moe.py); 0 experts = a dense LLM.
+      num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, num_shared_experts=0,
+      first_k_dense_replace=0, norm_topk_prob=True, num_routers=1, moe_dispatch="dense")
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f"scene_llm: unknown fields {unknown}")
+  return ml_collections.ConfigDict({**fields, **overrides})
+
+
 def set_mllm_test_schedule(config: ml_collections.ConfigDict) -> None:
   """A unified system's `tiny` cadence: `set_test_schedule`, a constant learning rate
   without warmup, and an evaluation on one batch of 8 rows, 8 questions answered in at most

@@ -5,13 +5,14 @@ and `UnifiedSystem`, so adding one is a system file, its models and a config fil
 """
 import ml_collections
 
+from unimm_jax.systems.bitdance_mllm import BitDanceMLLM
 from unimm_jax.systems.evotok_mllm import EvoTokMLLM
 from unimm_jax.systems.ming_univision import MingUniVision
 from unimm_jax.systems.mllm_interface import UnifiedSystem
 from unimm_jax.systems.unitoken import UniToken
 
 SYSTEMS: dict[str, type] = {"unitoken": UniToken, "evotok": EvoTokMLLM,
-                            "ming_univision": MingUniVision}
+                            "ming_univision": MingUniVision, "bitdance_mllm": BitDanceMLLM}
 
 
 def build(config: ml_collections.ConfigDict) -> UnifiedSystem:
