@@ -117,7 +117,8 @@ class BitDanceMLLM(FrozenTokenizer, UnifiedSystem):
     h = config.head
     self.head = bit_diffusion.BitDiffusionHead(
         h.width, h.depth, h.adaln_blocks, attention_heads=h.width // h.head_dim if p > 1 else 0,
-        bounded=h.bounded, swiglu=h.swiglu, dtype=compute_dtype(h.dtype, 'config.head.dtype'))
+        bounded=h.bounded, swiglu=h.get('swiglu', True),  # runs saved before the field: True
+        dtype=compute_dtype(h.dtype, 'config.head.dtype'))
     # Sequence position -> grid cell, and the position embedding of each sequence position.
     self.cells = patch_order(side, side, patch)
     self.positions = jnp.asarray(sincos_2d(side, side, width, patch))
