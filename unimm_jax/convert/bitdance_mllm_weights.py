@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from unimm_jax.convert import hf_checkpoint
 from unimm_jax.convert import hf_llm
-from unimm_jax.convert.hf_checkpoint import Reader
+from unimm_jax.convert.hf_checkpoint import Reader, layer_norm, linear
 from unimm_jax.models.bit_diffusion import BitDiffusionHead
 from unimm_jax.models.llm import LLMConfig
 from unimm_jax.nn.mlp import Projector
@@ -73,13 +73,6 @@ def _check_head(head: BitDiffusionHead) -> None:
                      f'width a multiple of {HEAD_DIM}, {want} (`vision_head` builds it)')
 
 
-def _dense(read: Reader, key: str) -> dict:
-  """Linear weight (out, in) -> kernel (in, out)."""
-  return {'kernel': read(f'{key}.weight', lambda w: w.T), 'bias': read(f'{key}.bias')}
-
-
-def _norm(read: Reader, key: str) -> dict:
-  return {'scale': read(f'{key}.weight'), 'bias': read(f'{key}.bias')}
 
 
 def attention_sources(read: Reader, key: str, num_heads: int) -> dict:
@@ -105,33 +98,33 @@ def head_sources(read: Reader, head: BitDiffusionHead, prefix: str = HEAD_PREFIX
   if not read.has(last) or read.has(extra):
     raise ValueError(f'the checkpoint does not have depth={head.depth} head blocks (looked for '
                      f'{last} and no {extra})')
-  sources = {'input_proj': _dense(read, net + 'input_proj'),
-             'cond_embed': _dense(read, net + 'cond_embed'),
-             'time_embed': {'time_in': _dense(read, net + 'time_embed.mlp.0'),
-                            'time_out': _dense(read, net + 'time_embed.mlp.2')},
-             'final_adaln': _dense(read, net + 'final_layer.ada_ln_modulation'),
-             'final_linear': _dense(read, net + 'final_layer.linear')}
+  sources = {'input_proj': linear(read, net + 'input_proj'),
+             'cond_embed': linear(read, net + 'cond_embed'),
+             'time_embed': {'time_in': linear(read, net + 'time_embed.mlp.0'),
+                            'time_out': linear(read, net + 'time_embed.mlp.2')},
+             'final_adaln': linear(read, net + 'final_layer.ada_ln_modulation'),
+             'final_linear': linear(read, net + 'final_layer.linear')}
   for k in range(head.adaln_blocks):
-    sources[f'adaln_{k}'] = _dense(read, f'{net}ada_ln_blocks.{k}')
+    sources[f'adaln_{k}'] = linear(read, f'{net}ada_ln_blocks.{k}')
   for i in range(head.depth):
     p = f'{net}res_blocks.{i}.'
     if head.swiglu:
       mlp = {'w1': read(p + 'w1.weight', lambda w: w.reshape(2, -1, w.shape[-1])
                         .transpose(2, 0, 1)),
              'w1_bias': read(p + 'w1.bias', lambda b: b.reshape(2, -1)),
-             'w2': _dense(read, p + 'w2')}
+             'w2': linear(read, p + 'w2')}
     else:
-      mlp = {'fc1': _dense(read, p + 'mlp.0'), 'fc2': _dense(read, p + 'mlp.2')}
+      mlp = {'fc1': linear(read, p + 'mlp.0'), 'fc2': linear(read, p + 'mlp.2')}
     sources[f'res_blocks_{i}'] = {
-        'attention_norm': _norm(read, p + 'norm1'),
+        'attention_norm': layer_norm(read, p + 'norm1'),
         'attention': attention_sources(read, p + 'attn', head.attention_heads),
-        'ffn': {'norm': _norm(read, p + 'norm2'), 'mlp': mlp}}
+        'ffn': {'norm': layer_norm(read, p + 'norm2'), 'mlp': mlp}}
   return sources
 
 
 def connector_sources(read: Reader, prefix: str = CONNECTOR_PREFIX) -> dict:
   """Their MLPconnector's tensors under `prefix` as `connector`'s params (LazyArrays)."""
-  return {'fc1': _dense(read, prefix + 'fc1'), 'fc2': _dense(read, prefix + 'fc2')}
+  return {'fc1': linear(read, prefix + 'fc1'), 'fc2': linear(read, prefix + 'fc2')}
 
 
 def _load(path: str, parts: dict, what: str) -> dict:
@@ -209,20 +202,18 @@ def convert_llm(path: str, config: LLMConfig) -> hf_checkpoint.Converted:
   wrongly shaped one.
   """
   checkpoint = hf_checkpoint.state_dict_file(path)
-  llm_part = hf_checkpoint.HFCheckpoint.__new__(hf_checkpoint.HFCheckpoint)
-  llm_part.path = f'{checkpoint.path} (under {LLM_PREFIX})'
-  llm_part.tensors = {k[len(LLM_PREFIX):]: v for k, v in checkpoint.tensors.items()
-                      if k.startswith(LLM_PREFIX)}
-  if not llm_part.tensors:
+  tensors = {k[len(LLM_PREFIX):]: v for k, v in checkpoint.tensors.items()
+             if k.startswith(LLM_PREFIX)}
+  if not tensors:
     raise ValueError(f'{path}: no {LLM_PREFIX}* tensors (not a state dict of their whole '
                      'MLLModel; a transformers LLM directory loads with load_pretrained)')
   # hf_llm.convert reads its LLMConfig from config.json, and every field of `config` overrides
   # what it reads: this stand-in holds only the keys it requires, and 'qwen3' for the
   # transformers key layout.
-  llm_part.config = dict(model_type='qwen3', vocab_size=config.vocab_size,
-                         hidden_size=config.hidden_size,
-                         intermediate_size=config.intermediate_size,
-                         num_hidden_layers=config.num_layers,
-                         num_attention_heads=config.num_heads)
+  stand_in = dict(model_type='qwen3', vocab_size=config.vocab_size,
+                  hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                  num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads)
+  llm_part = hf_checkpoint.HFCheckpoint.from_tensors(
+      f'{checkpoint.path} (under {LLM_PREFIX})', stand_in, tensors)
   return hf_llm.convert(llm_part, **{f.name: getattr(config, f.name)
                                      for f in dataclasses.fields(config)})

@@ -43,7 +43,7 @@ import numpy as np
 from unimm_jax.convert import hf_checkpoint
 from unimm_jax.convert import hf_vit
 from unimm_jax.convert.chameleon_vqgan import taming_key, taming_transform
-from unimm_jax.convert.hf_checkpoint import LazyArray, Reader
+from unimm_jax.convert.hf_checkpoint import LazyArray, Reader, layer_norm, linear
 from unimm_jax.models import evotok
 from unimm_jax.models.depth_transformer import DepthTransformer
 from unimm_jax.quantizers.residual_quantizer import STATE_COLLECTION
@@ -51,16 +51,10 @@ from unimm_jax.quantizers.residual_quantizer import STATE_COLLECTION
 _SKIPPED = ('quantize.codebook_used', 'scaling_layer.')
 
 
-def _dense(read: Reader, key: str) -> dict:
-  return {'kernel': read(f'{key}.weight', lambda w: w.T), 'bias': read(f'{key}.bias')}
-
 
 def _task_layers(read: Reader, key: str) -> dict:
-  return {'hidden': _dense(read, f'{key}.0'), 'out': _dense(read, f'{key}.2')}
+  return {'hidden': linear(read, f'{key}.0'), 'out': linear(read, f'{key}.2')}
 
-
-def _norm(read: Reader, key: str) -> dict:
-  return {'scale': read(f'{key}.weight'), 'bias': read(f'{key}.bias')}
 
 
 def _encoder(read: Reader, cfg: ml_collections.ConfigDict) -> dict:
@@ -84,7 +78,7 @@ def _semantic_decoder(read: Reader, cfg: ml_collections.ConfigDict) -> dict:
                           'bias': read('patch_embed.proj.bias')},
       'class_embedding': read('cls_token', lambda w: w.reshape(-1)),
       'position_embedding': read('pos_embed', lambda w: w[0]),
-      'fc_norm': _norm(read, 'fc_norm'),
+      'fc_norm': layer_norm(read, 'fc_norm'),
   }
   for i in range(c.num_layers):
     p = f'blocks.{i}.'
@@ -104,9 +98,9 @@ def _semantic_decoder(read: Reader, cfg: ml_collections.ConfigDict) -> dict:
     attention['out'] = read(p + 'attn.proj.weight', lambda w: w.T.reshape(heads, head_dim, width))
     attention['out_bias'] = read(p + 'attn.proj.bias')
     sources[f'layers_{i}'] = {
-        'norm1': _norm(read, p + 'norm1'), 'norm2': _norm(read, p + 'norm2'),
+        'norm1': layer_norm(read, p + 'norm1'), 'norm2': layer_norm(read, p + 'norm2'),
         'attention': attention,
-        'mlp': {'fc1': _dense(read, p + 'mlp.fc1'), 'fc2': _dense(read, p + 'mlp.fc2')}}
+        'mlp': {'fc1': linear(read, p + 'mlp.fc1'), 'fc2': linear(read, p + 'mlp.fc2')}}
   return sources
 
 
@@ -211,7 +205,7 @@ def _heads(read: Reader, key: str, heads: int) -> LazyArray:
 def depth_transformer_sources(read: Reader, head: DepthTransformer) -> dict:
   """Their RQTransformer tensors (under read.prefix) as our head's params (module docstring)."""
   h = head.num_heads
-  sources = {'in_hidden': _dense(read, 'in_mlp_2'), 'in_codes': _dense(read, 'in_mlp_1'),
+  sources = {'in_hidden': linear(read, 'in_mlp_2'), 'in_codes': linear(read, 'in_mlp_1'),
              'depth_positions': read('pos_emb_d', lambda w: w[0])}
   for j in range(head.num_layers):
     p = f'head_transformer.blocks.{j}.'
@@ -222,12 +216,12 @@ def depth_transformer_sources(read: Reader, head: DepthTransformer) -> dict:
     attention['out'] = read(f'{p}attn.proj.weight',
                             lambda w: w.T.reshape(h, w.shape[1] // h, w.shape[0]))
     attention['out_bias'] = read(f'{p}attn.proj.bias')
-    sources[f'blocks_{j}'] = {'norm1': _norm(read, p + 'ln1'), 'norm2': _norm(read, p + 'ln2'),
-                              'attention': attention, 'fc1': _dense(read, p + 'mlp.0'),
-                              'fc2': _dense(read, p + 'mlp.2')}
+    sources[f'blocks_{j}'] = {'norm1': layer_norm(read, p + 'ln1'), 'norm2': layer_norm(read, p + 'ln2'),
+                              'attention': attention, 'fc1': linear(read, p + 'mlp.0'),
+                              'fc2': linear(read, p + 'mlp.2')}
   for i in range(head.depth):
-    sources[f'classifiers_{i}_norm'] = _norm(read, f'classifiers.{i}.0')
-    sources[f'classifiers_{i}_out'] = _dense(read, f'classifiers.{i}.1')
+    sources[f'classifiers_{i}_norm'] = layer_norm(read, f'classifiers.{i}.0')
+    sources[f'classifiers_{i}_out'] = linear(read, f'classifiers.{i}.1')
   return sources
 
 

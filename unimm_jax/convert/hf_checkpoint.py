@@ -81,6 +81,15 @@ class HFCheckpoint:
     for file in files:
       self.tensors.update(_memmap_file(file))
 
+  @classmethod
+  def from_tensors(cls, path: str, config: dict[str, Any],
+                   tensors: dict[str, np.ndarray]) -> 'HFCheckpoint':
+    """A checkpoint of given tensors and config (a bare state dict, or part of one), named
+    `path` in errors."""
+    checkpoint = cls.__new__(cls)
+    checkpoint.path, checkpoint.config, checkpoint.tensors = path, config, tensors
+    return checkpoint
+
   def get(self, key: str) -> np.ndarray:
     if key not in self.tensors:
       raise ValueError(f'{self.path}: missing tensor {key!r}')
@@ -92,10 +101,7 @@ def state_dict_file(path: str) -> HFCheckpoint:
   checkpoint directory (with an empty config)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such safetensors file')
-  checkpoint = HFCheckpoint.__new__(HFCheckpoint)
-  checkpoint.path, checkpoint.config = os.path.abspath(path), {}
-  checkpoint.tensors = _memmap_file(path)
-  return checkpoint
+  return HFCheckpoint.from_tensors(os.path.abspath(path), {}, _memmap_file(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,3 +291,13 @@ def place(sources: Mapping, abstract_params: Any, *, dtype: Any = jnp.float32,
                                         lambda index: src[index].astype(dtype))
 
   return jax.tree.map(build, sources, shardings, is_leaf=lambda x: isinstance(x, LazyArray))
+
+
+def linear(read: 'Reader', key: str) -> dict:
+  """A PyTorch Linear at `key` (weight (out, in), bias) -> {'kernel' (in, out), 'bias'}."""
+  return {'kernel': read(f'{key}.weight', lambda w: w.T), 'bias': read(f'{key}.bias')}
+
+
+def layer_norm(read: 'Reader', key: str) -> dict:
+  """A PyTorch LayerNorm / GroupNorm at `key` (weight, bias) -> {'scale', 'bias'}."""
+  return {'scale': read(f'{key}.weight'), 'bias': read(f'{key}.bias')}

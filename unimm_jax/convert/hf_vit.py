@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from unimm_jax.convert import hf_checkpoint
-from unimm_jax.convert.hf_checkpoint import HFCheckpoint, LazyArray, Reader
+from unimm_jax.convert.hf_checkpoint import HFCheckpoint, LazyArray, Reader, layer_norm, linear
 from unimm_jax.models.vit import ViTConfig, VisionTransformer
 
 MODEL_TYPES = ('siglip', 'siglip_vision_model', 'siglip2', 'siglip2_vision_model', 'clip',
@@ -93,12 +93,6 @@ def vit_config(hf_config: dict[str, Any], **overrides) -> ViTConfig:
   return ViTConfig(**{**fields, **overrides})
 
 
-def _norm(read: Reader, key: str) -> dict:
-  return {'scale': read(f'{key}.weight'), 'bias': read(f'{key}.bias')}
-
-
-def _dense(read: Reader, key: str) -> dict:
-  return {'kernel': read(f'{key}.weight', lambda w: w.T), 'bias': read(f'{key}.bias')}
 
 
 def _zeros(shape: tuple[int, ...], source: str) -> LazyArray:
@@ -136,12 +130,12 @@ def _clip_style_layer(c: ViTConfig, read: Reader, i: int) -> dict:
   p = f'encoder.layers.{i}.'
   a = p + 'self_attn.'
   return {
-      'norm1': _norm(read, p + 'layer_norm1'), 'norm2': _norm(read, p + 'layer_norm2'),
+      'norm1': layer_norm(read, p + 'layer_norm1'), 'norm2': layer_norm(read, p + 'layer_norm2'),
       'attention': _attention(
           c, read(a + 'q_proj.weight'), read(a + 'k_proj.weight'), read(a + 'v_proj.weight'),
           read(a + 'out_proj.weight'), read(a + 'out_proj.bias'), read(a + 'q_proj.bias'),
           read(a + 'k_proj.bias'), read(a + 'v_proj.bias')),
-      'mlp': {'fc1': _dense(read, p + 'mlp.fc1'), 'fc2': _dense(read, p + 'mlp.fc2')},
+      'mlp': {'fc1': linear(read, p + 'mlp.fc1'), 'fc2': linear(read, p + 'mlp.fc2')},
   }
 
 
@@ -153,7 +147,7 @@ def fused_qkv_layer(c: ViTConfig, read: Reader, p: str) -> dict:
   q, k, v = _split_rows(read(p + 'attn.qkv.weight'), 3)
   q_bias, k_bias, v_bias = _split_rows(read(p + 'attn.qkv.bias'), 3)
   layer = {
-      'norm1': _norm(read, p + 'norm1'), 'norm2': _norm(read, p + 'norm2'),
+      'norm1': layer_norm(read, p + 'norm1'), 'norm2': layer_norm(read, p + 'norm2'),
       'attention': _attention(c, q, k, v, read(p + 'attn.proj.weight'),
                               read(p + 'attn.proj.bias'), q_bias, k_bias, v_bias),
   }
@@ -165,12 +159,12 @@ def _mlp(c: ViTConfig, read: Reader, p: str, swiglu_names: tuple[str, str]) -> d
   """The block MLP under key prefix `p`: fc1 / fc2, or for c.swiglu the fused gated input
   ((2 m, d), gate rows first) and the output projection named `swiglu_names`."""
   if not c.swiglu:
-    return {'fc1': _dense(read, p + 'fc1'), 'fc2': _dense(read, p + 'fc2')}
+    return {'fc1': linear(read, p + 'fc1'), 'fc2': linear(read, p + 'fc2')}
   m, d = c.mlp_dim, c.hidden_size
   w_in, b_in = read(f'{p}{swiglu_names[0]}.weight'), read(f'{p}{swiglu_names[0]}.bias')
   return {'fc1': _view(w_in, lambda w: w.reshape(2, m, d).transpose(2, 0, 1), (d, 2, m)),
           'fc1_bias': _view(b_in, lambda w: w.reshape(2, m), (2, m)),
-          'fc2': _dense(read, p + swiglu_names[1])}
+          'fc2': linear(read, p + swiglu_names[1])}
 
 
 def _dinov2_layer(c: ViTConfig, read: Reader, i: int) -> dict:
@@ -182,7 +176,7 @@ def _dinov2_layer(c: ViTConfig, read: Reader, i: int) -> dict:
     return read(key) if read.has(key) else _zeros((c.hidden_size,), f'{key} (qkv_bias=False)')
 
   layer = {
-      'norm1': _norm(read, p + 'norm1'), 'norm2': _norm(read, p + 'norm2'),
+      'norm1': layer_norm(read, p + 'norm1'), 'norm2': layer_norm(read, p + 'norm2'),
       'layer_scale1': read(p + 'layer_scale1.lambda1'),
       'layer_scale2': read(p + 'layer_scale2.lambda1'),
       'attention': _attention(
@@ -213,7 +207,7 @@ def _embeddings(c: ViTConfig, read: Reader) -> dict:
             'position_embedding': read('embeddings.position_embedding.weight')}
   if c.family == 'clip':
     params['class_embedding'] = read('embeddings.class_embedding')
-    params['pre_norm'] = _norm(read, 'pre_layrnorm')
+    params['pre_norm'] = layer_norm(read, 'pre_layrnorm')
   else:
     params['patch_bias'] = read('embeddings.patch_embedding.bias')
   return params
@@ -226,8 +220,8 @@ def _head(c: ViTConfig, read: Reader) -> dict:
       'probe': read('head.probe', lambda w: w.reshape(-1, w.shape[-1])),
       'attention': _attention(c, q, k, v, read('head.attention.out_proj.weight'),
                               read('head.attention.out_proj.bias'), qb, kb, vb),
-      'layernorm': _norm(read, 'head.layernorm'),
-      'mlp': {'fc1': _dense(read, 'head.mlp.fc1'), 'fc2': _dense(read, 'head.mlp.fc2')},
+      'layernorm': layer_norm(read, 'head.layernorm'),
+      'mlp': {'fc1': linear(read, 'head.mlp.fc1'), 'fc2': linear(read, 'head.mlp.fc2')},
   }
 
 
@@ -249,7 +243,7 @@ def convert(checkpoint: HFCheckpoint, **overrides) -> hf_checkpoint.Converted:
     sources['layers'] = hf_checkpoint.stack_layer_trees(layers)
   else:
     sources.update({f'layers_{i}': layer for i, layer in enumerate(layers)})
-  sources['final_norm'] = _norm(read, 'layernorm' if c.family == 'dinov2' else 'post_layernorm')
+  sources['final_norm'] = layer_norm(read, 'layernorm' if c.family == 'dinov2' else 'post_layernorm')
   if c.family in ('siglip', 'siglip2') and c.use_head:
     sources['head'] = _head(c, read)
   read.check_all_used(_skipped, c.family)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from unimm_jax.convert import hf_checkpoint
-from unimm_jax.convert.hf_checkpoint import Reader
+from unimm_jax.convert.hf_checkpoint import Reader, layer_norm, linear
 from unimm_jax.models.flow_head import FlowHead
 
 NET = 'diffloss.net.'
@@ -36,15 +36,12 @@ def _dense(read: Reader, key: str, chunk_order: tuple[int, ...] | None = None) -
   """Linear weight (out, in) -> kernel (in, out); with chunk_order, the output is split into
   len(chunk_order) equal chunks taken in that order (an adaLN's (shift, scale, ...) -> ours)."""
   if chunk_order is None:
-    return {'kernel': read(f'{key}.weight', lambda w: w.T), 'bias': read(f'{key}.bias')}
+    return linear(read, key)
   k, order = len(chunk_order), list(chunk_order)
   return {'kernel': read(f'{key}.weight',
                          lambda w: w.reshape(k, -1, w.shape[-1])[order].reshape(w.shape).T),
           'bias': read(f'{key}.bias', lambda w: w.reshape(k, -1)[order].reshape(-1))}
 
-
-def _norm(read: Reader, key: str) -> dict:
-  return {'scale': read(f'{key}.weight'), 'bias': read(f'{key}.bias')}
 
 
 def _swiglu(read: Reader, key: str) -> dict:
@@ -72,9 +69,9 @@ def flow_head_sources(read: Reader, head: FlowHead) -> dict:
   for i in range(depth):
     p = f'{NET}res_blocks.{i}.'
     net[f'adaln_{i}'] = _dense(read, p + 'adaLN_modulation.1', (1, 0, 2))
-    net[f'res_blocks_{i}'] = {'norm': _norm(read, p + 'in_ln'), 'mlp': _swiglu(read, p + 'mlp')}
+    net[f'res_blocks_{i}'] = {'norm': layer_norm(read, p + 'in_ln'), 'mlp': _swiglu(read, p + 'mlp')}
   return {'condition_proj': _dense(read, 'vis_head.0'),
-          'condition_norm': _norm(read, 'vis_head.1'), 'net': net}
+          'condition_norm': layer_norm(read, 'vis_head.1'), 'net': net}
 
 
 def load_flow_head(path: str, head: FlowHead) -> dict:

@@ -26,18 +26,12 @@ import numpy as np
 
 from unimm_jax.convert import hf_checkpoint
 from unimm_jax.convert import hf_vit
-from unimm_jax.convert.hf_checkpoint import LazyArray, Reader
+from unimm_jax.convert.hf_checkpoint import LazyArray, Reader, layer_norm, linear
 from unimm_jax.models import mingtok
 
 _SKIPPED = ('target_backbone.',)
 
 
-def _dense(read: Reader, key: str) -> dict:
-  return {'kernel': read(f'{key}.weight', lambda w: w.T), 'bias': read(f'{key}.bias')}
-
-
-def _norm(read: Reader, key: str) -> dict:
-  return {'scale': read(f'{key}.weight'), 'bias': read(f'{key}.bias')}
 
 
 def _blocks(read: Reader, cfg: ml_collections.ConfigDict, stage: str, their: str) -> dict:
@@ -67,16 +61,16 @@ def convert_state_dict_file(path: str, model_config: ml_collections.ConfigDict) 
       'position_embedding': read('low_level_encoder.pos_embed', lambda w: w[0]),
       'mask_token': LazyArray((width,), 'mask_token (ours, not in their release: zeros)',
                               view=lambda: np.zeros((width,), np.float32)),
-      'out_norm': _norm(read, 'low_level_encoder.out_norm'),
-      'out_proj': _dense(read, 'low_level_encoder.out_proj'),
+      'out_norm': layer_norm(read, 'low_level_encoder.out_norm'),
+      'out_proj': linear(read, 'low_level_encoder.out_proj'),
       **_blocks(read, model_config, 'encoder', 'low_level_encoder'),
   }
-  semantic = {'in_proj': _dense(read, 'semantic_decoder.in_proj'),
-              'norm': _norm(read, 'semantic_decoder.norm'),
+  semantic = {'in_proj': linear(read, 'semantic_decoder.in_proj'),
+              'norm': layer_norm(read, 'semantic_decoder.norm'),
               **_blocks(read, model_config, 'semantic', 'semantic_decoder')}
-  pixel = {'sem_to_pix': _dense(read, 'sem_to_pix'),
-           'norm': _norm(read, 'pixel_decoder.norm'),
-           'head': _dense(read, 'pixel_decoder.head'),
+  pixel = {'sem_to_pix': linear(read, 'sem_to_pix'),
+           'norm': layer_norm(read, 'pixel_decoder.norm'),
+           'head': linear(read, 'pixel_decoder.head'),
            **_blocks(read, model_config, 'pixel', 'pixel_decoder')}
   read.check_all_used(lambda key: key.startswith(_SKIPPED), 'MingTok')
   model = mingtok.MingTok(model_config)
